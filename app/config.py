@@ -1,0 +1,141 @@
+"""One settings object for every knob (env prefix ``RECO_``).
+
+Build it with :func:`get_settings` and pass it down; nothing in ``app`` reads a global.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from platformdirs import user_data_dir
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["fp32", "fp16", "bf16"]
+
+
+def _default_data_dir() -> Path:
+    return Path(user_data_dir("reco-memory-service", appauthor=False))
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RECO_", env_file=None, extra="ignore")
+
+    # --- storage -----------------------------------------------------------------------------
+    data_dir: Path = Field(default_factory=_default_data_dir, description="Embedded stores live here.")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default SQLite in data_dir. Postgres: postgresql+psycopg://"
+    )
+    qdrant_url: str | None = Field(default=None, description="Qdrant server URL; unset = local mode.")
+    qdrant_path: Path | None = Field(default=None, description="Qdrant local-mode folder (or ':memory:').")
+    qdrant_api_key: SecretStr | None = None
+    memory_alias: str = Field(default="memory", description="Alias that points at the live collection.")
+
+    # --- jobs --------------------------------------------------------------------------------
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    result_backend: str | None = None
+
+    # --- encoder -----------------------------------------------------------------------------
+    clip_model: str = Field(default="reco-tiny", description="open_clip model name (built-in or reco-*).")
+    clip_pretrained: str = Field(
+        default="",
+        description="open_clip pretrained tag, a local checkpoint file, or empty for RANDOM weights.",
+    )
+    random_init_seed: int = 0
+    device: Device = "auto"
+    precision: Precision = "fp32"
+    encode_batch_size: int = Field(default=64, ge=1)
+
+    # --- ingestion limits ----------------------------------------------------------------------
+    max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1, description="Refused before decoding.")
+    max_image_pixels: int = Field(default=40_000_000, ge=1, description="Decompression-bomb cap.")
+    min_image_side: int = Field(default=1, ge=1)
+    max_aspect_ratio: float = Field(default=200.0, gt=1)
+    max_caption_chars: int = Field(default=4_000, ge=1)
+    require_caption: bool = Field(default=True, description="Refuse items with an empty caption.")
+    allowed_roots: list[Path] = Field(
+        default_factory=list, description="Extra folders manifests may point into (besides their own)."
+    )
+    allow_url_sources: bool = Field(default=False, description="Manifest rows with http(s) URIs.")
+    ingest_batch_size: int = Field(default=64, ge=1)
+
+    # --- RECO method (paper defaults) -----------------------------------------------------------
+    fusion_config: str = Field(default="reco-fusion-b", description="Name of a JSON in app/fusion/configs.")
+    fusion_checkpoint: str = Field(
+        default="", description="Fusion checkpoint file; empty = newest registered for the live encoder."
+    )
+    k_train: int = Field(default=10, ge=1, description="Neighbours per query during training (k).")
+    k_infer: int = Field(default=10, ge=1, description="Neighbours per query at inference (k').")
+    search_modality: Literal["uni", "cross"] = "uni"
+    fusion_modality: Literal["cross", "uni"] = "cross"
+    dedupe_neighbours_by_image: bool = True
+    exact_index_dtype: Literal["float32", "float16"] = "float32"
+    exact_index_chunk: int = Field(default=262_144, ge=1024, description="Memory rows per matmul chunk.")
+    near_duplicate_threshold: float | None = Field(
+        default=None, description="Image cosine above which a memory item is a near-duplicate of an "
+        "evaluation image; None = calibrated from the encoder's own similarity distribution.",
+    )
+
+    # --- fusion training (paper recipe: AdamW, lr 1e-3 cosine, wd 1e-5, batch 4096, 10 epochs) ---
+    train_lr: float = 1e-3
+    train_weight_decay: float = 1e-5
+    train_batch_size: int = 4096
+    train_epochs: int = 10
+    train_warmup_steps: int = 50
+    train_seed: int = 0
+
+    # --- workers ---------------------------------------------------------------------------------
+    embed_max_batch: int = Field(default=64, ge=1, description="Micro-batch: flush at N items ...")
+    embed_max_wait_ms: int = Field(default=200, ge=0, description="... or after T ms, whichever first.")
+    decode_workers: int = Field(default=2, ge=0)
+    embed_queue_high_water: int = Field(default=2_000, ge=1, description="Backpressure above this.")
+    watch_interval_s: float = 5.0
+    reembed_batch_size: int = 256
+
+    # --- UI ----------------------------------------------------------------------------------------
+    ui_port: int = 8501
+    upload_max_files: int = 200
+    upload_max_total_bytes: int = 200 * 1024 * 1024
+
+    @field_validator("database_url", "qdrant_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _exclusive_qdrant_location(self) -> Settings:
+        if self.qdrant_url and self.qdrant_path:
+            raise ValueError("set RECO_QDRANT_URL or RECO_QDRANT_PATH, not both")
+        return self
+
+    # --- derived (explicit value or computed default) ------------------------------------------
+    @cached_property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'reco.db'}"
+
+    @cached_property
+    def resolved_qdrant_path(self) -> str | None:
+        """Folder for local mode, ':memory:' for an in-process store, None when a server is used."""
+        if self.qdrant_url:
+            return None
+        if self.qdrant_path is not None:
+            return str(self.qdrant_path)
+        return str(self.data_dir / "qdrant")
+
+    @property
+    def is_random_init(self) -> bool:
+        return not self.clip_pretrained.strip()
+
+    def ensure_dirs(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        local = self.resolved_qdrant_path
+        if local and local != ":memory:":
+            Path(local).mkdir(parents=True, exist_ok=True)
+
+
+def get_settings(**overrides: object) -> Settings:
+    """Settings from the environment, with explicit overrides (used by the CLI and tests)."""
+    return Settings(**overrides)  # type: ignore[arg-type]

@@ -1,0 +1,128 @@
+"""Bytes to a safe, upright RGB image — or a reason why not.
+
+Everything that turns untrusted bytes into pixels goes through :func:`open_image_safely`: ingestion,
+uploads in the UI, ``reco predict``/``search --image`` and the refine worker.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from app.schemas import RejectReason
+
+# Formats we decode. SVG, HTML, PDF and friends are not images to Pillow and are refused earlier.
+ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})
+
+# Never silently accept half an image.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    min_side: int = 1
+    max_aspect: float = 200.0
+
+    @classmethod
+    def from_settings(cls, settings: object) -> ImageLimits:
+        return cls(
+            max_bytes=settings.max_image_bytes,  # type: ignore[attr-defined]
+            max_pixels=settings.max_image_pixels,  # type: ignore[attr-defined]
+            min_side=settings.min_image_side,  # type: ignore[attr-defined]
+            max_aspect=settings.max_aspect_ratio,  # type: ignore[attr-defined]
+        )
+
+
+class ImageRejected(Exception):
+    def __init__(self, reason: RejectReason, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def open_image_safely(data: bytes, limits: ImageLimits | None = None) -> Image.Image:
+    """Decode ``data`` fully, first frame only, EXIF-rotated upright, converted to RGB.
+
+    Raises :class:`ImageRejected` with one :class:`RejectReason` for anything unusable.
+    """
+    limits = limits or ImageLimits()
+    if not data:
+        raise ImageRejected(RejectReason.EMPTY_FILE, "zero bytes")
+    if len(data) > limits.max_bytes:
+        raise ImageRejected(RejectReason.TOO_LARGE, f"{len(data)} bytes > cap {limits.max_bytes}")
+    image = _open_header(data, limits)
+    try:
+        _check_geometry(image, limits)
+        try:
+            image.seek(0)  # animated GIF/WebP: the first frame stands for the file
+            image.load()
+        except Image.DecompressionBombError as exc:
+            raise ImageRejected(RejectReason.DECOMPRESSION_BOMB, str(exc)) from exc
+        except OSError as exc:
+            if "truncated" in str(exc).lower():
+                raise ImageRejected(RejectReason.TRUNCATED, str(exc)) from exc
+            raise ImageRejected(RejectReason.CORRUPT, str(exc)) from exc
+        except (SyntaxError, ValueError, EOFError, IndexError, TypeError) as exc:
+            raise ImageRejected(RejectReason.CORRUPT, f"{type(exc).__name__}: {exc}") from exc
+        try:
+            upright = ImageOps.exif_transpose(image) or image
+        except Exception:  # noqa: BLE001 - a broken EXIF block must not lose an otherwise good image
+            upright = image
+        return to_rgb(upright)
+    finally:
+        image.close()
+
+
+def _open_header(data: bytes, limits: ImageLimits) -> Image.Image:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageRejected(RejectReason.DECOMPRESSION_BOMB, str(exc)) from exc
+        except UnidentifiedImageError as exc:
+            raise ImageRejected(RejectReason.NOT_AN_IMAGE, "not a recognised image format") from exc
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise ImageRejected(RejectReason.CORRUPT, f"{type(exc).__name__}: {exc}") from exc
+    if image.format not in ALLOWED_FORMATS:
+        image.close()
+        raise ImageRejected(RejectReason.UNSUPPORTED, f"format {image.format} is not accepted")
+    return image
+
+
+def _check_geometry(image: Image.Image, limits: ImageLimits) -> None:
+    width, height = image.size
+    if width * height > limits.max_pixels:
+        raise ImageRejected(
+            RejectReason.DECOMPRESSION_BOMB, f"{width}x{height} = {width * height} px > cap {limits.max_pixels}"
+        )
+    if min(width, height) < limits.min_side:
+        raise ImageRejected(RejectReason.TOO_SMALL, f"{width}x{height} below {limits.min_side} px")
+    if max(width, height) / max(1, min(width, height)) > limits.max_aspect:
+        raise ImageRejected(RejectReason.BAD_ASPECT, f"{width}x{height} exceeds aspect {limits.max_aspect:g}:1")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode to RGB; transparency is composited on white, 16-bit is rescaled."""
+    mode = image.mode
+    if mode == "RGB":
+        return image.copy()
+    if mode.startswith("I;16") or mode in {"I", "F"}:
+        arr = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
+        grey = np.clip(arr / top * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in {"RGBA", "LA", "PA", "RGBa", "La"}:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
