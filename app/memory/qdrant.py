@@ -6,6 +6,7 @@ and an alias (``memory`` by default) that points at the live version.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import re
 import threading
@@ -48,6 +49,8 @@ def get_qdrant_client(settings: Settings) -> QdrantClient:
     with _clients_lock:
         client = _clients.get(key)
         if client is None:
+            if not _clients:
+                atexit.register(close_qdrant_clients)  # close before interpreter teardown, not in __del__
             client = _open_client(settings)
             _clients[key] = client
         return client
@@ -168,15 +171,19 @@ class QdrantMemory:
         filters: Filters | None = None,
         exclude_ids: Sequence[str] = (),
         with_payload: bool = True,
+        distinct_images: bool = False,
     ) -> list[SearchHit]:
+        """Top-k by cosine. ``distinct_images``: best row per image (one image may carry five captions)."""
+        query = np.asarray(vector, np.float32).tolist()
+        flt = build_filter(filters, exclude_ids)
+        if distinct_images:
+            groups = self.client.query_points_groups(
+                self.collection, query=query, using=str(modality), group_by="image_hash", limit=k,
+                group_size=1, query_filter=flt, with_payload=with_payload)
+            return [self._hit(g.hits[0]) for g in groups.groups if g.hits]
         result = self.client.query_points(
-            self.collection,
-            query=np.asarray(vector, np.float32).tolist(),
-            using=str(modality),
-            limit=k,
-            query_filter=build_filter(filters, exclude_ids),
-            with_payload=with_payload,
-        )
+            self.collection, query=query, using=str(modality), limit=k, query_filter=flt,
+            with_payload=with_payload)
         return [self._hit(p) for p in result.points]
 
     def search_batch(

@@ -1,0 +1,273 @@
+"""Writing decoded image-text pairs into the memory: metadata first, then vectors, then status.
+
+Order matters for crash safety: an item is committed as *pending* before its vectors are written
+and marked *embedded* only after Qdrant acknowledged them. A crash in between leaves "pending in DB"
+(and maybe "present in Qdrant"), which :meth:`IngestService.reconcile` repairs. Nothing is ever
+"embedded in DB but missing in Qdrant" unless Qdrant lost data; reconcile checks that too.
+"""
+
+from __future__ import annotations
+
+import logging
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel
+
+from app.db.repo import FailureRecord, MetadataRepo, NewItem
+from app.db.session import upgrade_database
+from app.encoder import Encoder, create_encoder
+from app.memory.base import ItemPayload, MemoryRecord, content_hash, item_id_for
+from app.memory.qdrant import QdrantMemory, get_qdrant_client, live_collection, swap_alias
+from app.schemas import EmbedStatus, JobStatus, RejectReason
+
+if TYPE_CHECKING:
+    import torch
+
+    from app.config import Settings
+    from app.manifest import InputRow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PreparedItem:
+    """A decoded input: safe RGB pixels (or the encoder's input tensor) and where they came from."""
+
+    row: InputRow
+    image_hash: str
+    size_bytes: int
+    image: Image.Image | None = None
+    pixels: torch.Tensor | None = None  # already preprocessed (decode workers do it off the hot path)
+    width: int | None = None
+    height: int | None = None
+
+
+@dataclass(frozen=True)
+class FailedInput:
+    source: str
+    reason: RejectReason
+    detail: str
+
+
+class Failure(BaseModel):
+    source: str
+    reason: str
+    detail: str | None = None
+
+
+class BatchOutcome(BaseModel):
+    seen: int = 0
+    ingested: int = 0
+    duplicates: int = 0
+    failed: int = 0
+    failures: list[Failure] = []
+
+    def add(self, other: BatchOutcome) -> None:
+        self.seen += other.seen
+        self.ingested += other.ingested
+        self.duplicates += other.duplicates
+        self.failed += other.failed
+        self.failures.extend(other.failures)
+
+
+class ReconcileReport(BaseModel):
+    checked: int = 0
+    marked_embedded: int = 0
+    re_embedded: int = 0
+    reset_to_pending: int = 0
+
+
+def clean_caption(raw: str, *, max_chars: int, required: bool) -> tuple[str, FailedInput | None]:
+    """Whitespace collapsed; NUL/control characters, empty and over-long captions refused."""
+    if any(unicodedata.category(ch) in {"Cc", "Cs"} and ch not in "\t\n\r" for ch in raw):
+        return "", FailedInput("", RejectReason.BAD_CAPTION, "caption contains NUL or control characters")
+    caption = " ".join(raw.split())
+    if required and not caption:
+        return "", FailedInput("", RejectReason.EMPTY_CAPTION, "caption is empty")
+    if len(caption) > max_chars:
+        return "", FailedInput("", RejectReason.CAPTION_TOO_LONG, f"{len(caption)} chars > cap {max_chars}")
+    return caption, None
+
+
+@dataclass
+class _Batch:
+    items: list[NewItem] = field(default_factory=list)
+    prepared: list[PreparedItem] = field(default_factory=list)
+
+
+class IngestService:
+    """Constructor arguments: explicit, or built from the settings."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        encoder: Encoder | None = None,
+        memory: QdrantMemory | None = None,
+        repo: MetadataRepo | None = None,
+    ) -> None:
+        self.settings = settings
+        self.encoder = encoder or create_encoder(settings)
+        self.repo = repo or MetadataRepo.from_url(settings.resolved_database_url)
+        self.memory = memory or QdrantMemory.for_encoder(settings, self.encoder.encoder_id, self.encoder.dim)
+        self._ensure_version_registered()
+
+    @property
+    def encoder_id(self) -> str:
+        return self.encoder.encoder_id
+
+    def _ensure_version_registered(self) -> None:
+        """The first version becomes live; later ones go live only through re-embedding."""
+        model = getattr(self.encoder, "model_name", "?")
+        pretrained = getattr(self.encoder, "pretrained", "")
+        self.repo.ensure_version(self.encoder_id, self.memory.collection, model, pretrained, self.encoder.dim)
+        client = self.memory.client
+        if live_collection(client, self.settings.memory_alias) is None:
+            swap_alias(client, self.settings.memory_alias, self.memory.collection)
+            self.repo.set_live_version(self.encoder_id)
+
+    # --- jobs -------------------------------------------------------------------------------------
+    def start_job(self, source: str, kind: str) -> int:
+        return self.repo.create_job(source, kind, self.encoder_id)
+
+    def finish_job(self, job_id: int, status: JobStatus = JobStatus.COMPLETED, error: str | None = None) -> None:
+        self.repo.finish_job(job_id, status, error)
+
+    # --- the batch --------------------------------------------------------------------------------
+    def write_batch(self, job_id: int | None, inputs: Sequence[PreparedItem | FailedInput]) -> BatchOutcome:
+        outcome = BatchOutcome(seen=len(inputs))
+        failures: list[FailedInput] = [i for i in inputs if isinstance(i, FailedInput)]
+        batch = self._admit(
+            [i for i in inputs if isinstance(i, PreparedItem)], failures, outcome)
+        if batch.items:
+            self.repo.add_pending(batch.items, self.encoder_id)
+            try:
+                records = self._embed(batch)
+            except Exception as exc:  # noqa: BLE001 - a broken batch is recorded, never crashes the job
+                log.exception("encoding failed for %d items", len(batch.items))
+                ids = [i.id for i in batch.items]
+                self.repo.set_status(ids, self.encoder_id, EmbedStatus.FAILED, RejectReason.ENCODE_ERROR, str(exc))
+                failures += [FailedInput(i.source_uri, RejectReason.ENCODE_ERROR, str(exc)) for i in batch.items]
+            else:
+                self.memory.upsert(records)  # transient store errors propagate: the caller retries
+                self.repo.set_status([r.item_id for r in records], self.encoder_id, EmbedStatus.EMBEDDED)
+                outcome.ingested += len(records)
+        outcome.failed = len(failures)
+        outcome.failures = [Failure(source=f.source, reason=f.reason, detail=f.detail) for f in failures]
+        if job_id is not None:
+            self.repo.record_failures(job_id, [FailureRecord(f.source, f.reason, f.detail) for f in failures])
+            self.repo.add_job_counts(job_id, seen=outcome.seen, ingested=outcome.ingested,
+                                     duplicates=outcome.duplicates, failed=outcome.failed)
+        return outcome
+
+    def _admit(
+        self, prepared: list[PreparedItem], failures: list[FailedInput], outcome: BatchOutcome
+    ) -> _Batch:
+        """Caption checks and dedupe (within the batch and against what is already embedded)."""
+        batch = _Batch()
+        seen_ids: set[str] = set()
+        candidates: list[tuple[NewItem, PreparedItem]] = []
+        for p in prepared:
+            caption, problem = clean_caption(
+                p.row.caption, max_chars=self.settings.max_caption_chars, required=self.settings.require_caption)
+            if problem is not None:
+                failures.append(FailedInput(p.row.source, problem.reason, problem.detail))
+                continue
+            item = _new_item(p, caption)
+            if item.id in seen_ids:
+                outcome.duplicates += 1
+                continue
+            seen_ids.add(item.id)
+            candidates.append((item, p))
+        status = self.repo.embedding_status([c[0].id for c in candidates], self.encoder_id)
+        for item, p in candidates:
+            if status.get(item.id) == EmbedStatus.EMBEDDED:
+                outcome.duplicates += 1
+            else:
+                batch.items.append(item)
+                batch.prepared.append(p)
+        return batch
+
+    def _embed(self, batch: _Batch) -> list[MemoryRecord]:
+        """One image encode per distinct image (Flickr8k: five captions share one)."""
+        first_index: dict[str, int] = {}
+        for idx, p in enumerate(batch.prepared):
+            first_index.setdefault(p.image_hash, idx)
+        unique = [batch.prepared[i] for i in first_index.values()]
+        image_vectors = self._encode_images(unique)
+        row_of_hash = {h: n for n, h in enumerate(first_index)}
+        text_vectors = self.encoder.encode_texts([i.caption for i in batch.items])
+        records = []
+        for item, p, text_vec in zip(batch.items, batch.prepared, text_vectors, strict=True):
+            payload = ItemPayload(
+                item_id=item.id, image_hash=item.image_hash, caption=item.caption, dataset=item.dataset,
+                split=item.split, source=item.source_uri, label=item.label, extra=item.extra)
+            records.append(MemoryRecord(payload, image_vectors[row_of_hash[p.image_hash]], text_vec))
+        return records
+
+    def _encode_images(self, prepared: list[PreparedItem]) -> np.ndarray:
+        if all(p.pixels is not None for p in prepared):
+            import torch
+
+            return self.encoder.encode_images(torch.stack([p.pixels for p in prepared]))  # type: ignore[misc]
+        images = [p.image if p.image is not None else _missing_pixels(p) for p in prepared]
+        return self.encoder.encode_images(images)
+
+    # --- repair ----------------------------------------------------------------------------------
+    def reconcile(self, limit: int = 10_000) -> ReconcileReport:
+        """Pending rows whose vectors are in Qdrant become embedded; the rest stay pending for re-ingest.
+
+        Embedded rows whose vectors are missing (Qdrant lost them) go back to pending.
+        """
+        report = ReconcileReport()
+        pending = self.repo.item_ids_with_status(self.encoder_id, EmbedStatus.PENDING, limit)
+        present = self.memory.existing_ids(pending)
+        report.checked = len(pending)
+        self.repo.set_status(sorted(present), self.encoder_id, EmbedStatus.EMBEDDED)
+        report.marked_embedded = len(present)
+        embedded = self.repo.item_ids_with_status(self.encoder_id, EmbedStatus.EMBEDDED, limit)
+        lost = sorted(set(embedded) - self.memory.existing_ids(embedded))
+        self.repo.set_status(lost, self.encoder_id, EmbedStatus.PENDING, detail="vectors missing in Qdrant")
+        report.reset_to_pending = len(lost)
+        report.checked += len(embedded)
+        return report
+
+
+def _missing_pixels(p: PreparedItem) -> Image.Image:
+    raise ValueError(f"{p.row.source}: neither image nor pixels given")
+
+
+def _new_item(p: PreparedItem, caption: str) -> NewItem:
+    row = p.row
+    return NewItem(
+        id=item_id_for(p.image_hash, caption), content_hash=content_hash(p.image_hash, caption),
+        image_hash=p.image_hash, caption=caption, source_uri=row.source if row.path is None else str(row.path),
+        dataset=row.dataset, split=row.split, label=row.label, size_bytes=p.size_bytes,
+        width=p.width if p.width is not None else (p.image.width if p.image is not None else None),
+        height=p.height if p.height is not None else (p.image.height if p.image is not None else None),
+        extra=dict(row.extra),
+    )
+
+
+def prepare_storage(settings: Settings) -> None:
+    """Create the data dir and bring the metadata schema to head (embedded defaults need no setup)."""
+    settings.ensure_dirs()
+    upgrade_database(settings.resolved_database_url)
+    get_qdrant_client(settings)
+
+
+def job_summary(repo: MetadataRepo, job_id: int) -> dict[str, Any]:
+    job = repo.get_job(job_id)
+    if job is None:
+        raise KeyError(f"no ingest job {job_id}")
+    failures = repo.job_failures(job_id)
+    return {
+        "job_id": job.id, "seen": job.seen, "ingested": job.ingested, "duplicates": job.duplicates,
+        "failed": job.failed, "status": job.status,
+        "failures": [{"source": f.source, "reason": f.reason, "detail": f.detail} for f in failures],
+    }

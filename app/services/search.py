@@ -1,0 +1,97 @@
+"""Memory search by text or image (CLIP embeddings; RECO refinement plugs in through ``refine``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from pydantic import BaseModel, Field, model_validator
+
+from app.encoder import Encoder, create_encoder
+from app.imaging import ImageLimits, open_image_safely
+from app.memory.base import SearchHit
+from app.memory.qdrant import QdrantMemory
+from app.schemas import Modality
+
+if TYPE_CHECKING:
+    from app.config import Settings
+
+# A query vector → a refined one (RECO); identity for plain CLIP.
+Refiner = Callable[[np.ndarray, Modality], np.ndarray]
+
+
+class SearchRequest(BaseModel):
+    text: str | None = None
+    image_bytes: bytes | None = Field(default=None, repr=False)
+    k: int = Field(default=5, ge=1, le=1000)
+    filters: dict[str, Any] = {}
+    target: Modality | None = Field(
+        default=None, description="Which stored vectors to rank; default: the other modality (CLIP retrieval).")
+    distinct_images: bool = Field(default=True, description="One result per image when ranking images.")
+
+    @model_validator(mode="after")
+    def _one_query(self) -> SearchRequest:
+        if (self.text is None) == (self.image_bytes is None):
+            raise ValueError("give exactly one of text or image")
+        if self.text is not None and not self.text.strip():
+            raise ValueError("empty text query")
+        return self
+
+    @property
+    def query_modality(self) -> Modality:
+        return Modality.TEXT if self.text is not None else Modality.IMAGE
+
+
+class SearchResult(BaseModel):
+    item_id: str
+    caption: str
+    score: float
+    source: str | None
+    dataset: str | None = None
+    split: str | None = None
+    label: int | None = None
+
+
+class SearchResponse(BaseModel):
+    results: list[SearchResult]
+    encoder_id: str
+    random_weights: bool = False
+    query_modality: Modality
+    target: Modality
+
+
+def hit_to_result(hit: SearchHit) -> SearchResult:
+    p = hit.payload
+    return SearchResult(item_id=hit.item_id, caption=p.caption if p else "", score=hit.score,
+                        source=p.source if p else None, dataset=p.dataset if p else None,
+                        split=p.split if p else None, label=p.label if p else None)
+
+
+class SearchService:
+    def __init__(self, settings: Settings, *, encoder: Encoder | None = None,
+                 memory: QdrantMemory | None = None) -> None:
+        self.settings = settings
+        self.encoder = encoder or create_encoder(settings)
+        self.memory = memory or QdrantMemory.live(settings)
+        self.limits = ImageLimits.from_settings(settings)
+
+    def embed_query(self, request: SearchRequest) -> np.ndarray:
+        if request.text is not None:
+            return self.encoder.encode_texts([request.text])[0]
+        assert request.image_bytes is not None
+        image = open_image_safely(request.image_bytes, self.limits)
+        return self.encoder.encode_images([image])[0]
+
+    def search(self, request: SearchRequest, refine: Refiner | None = None) -> SearchResponse:
+        if not self.memory.exists():
+            raise LookupError("the memory is empty: ingest something first (reco ingest SOURCE)")
+        vector = self.embed_query(request)
+        if refine is not None:
+            vector = refine(vector, request.query_modality)
+        target = request.target or (Modality.IMAGE if request.query_modality == Modality.TEXT else Modality.TEXT)
+        hits = self.memory.search(vector, target, request.k, filters=request.filters,
+                                  distinct_images=request.distinct_images and target == Modality.IMAGE)
+        return SearchResponse(results=[hit_to_result(h) for h in hits], encoder_id=self.encoder.encoder_id,
+                              random_weights=bool(getattr(self.encoder, "is_random", False)),
+                              query_modality=request.query_modality, target=target)

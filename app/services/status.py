@@ -1,0 +1,35 @@
+"""What is in the memory: counts per embedding status and per collection, the live version, jobs."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from app.db.repo import MetadataRepo, as_dict
+from app.memory.qdrant import QdrantMemory, get_qdrant_client, list_collections, live_collection
+
+if TYPE_CHECKING:
+    from app.config import Settings
+
+
+def memory_status(settings: Settings, repo: MetadataRepo | None = None) -> dict[str, Any]:
+    repo = repo or MetadataRepo.from_url(settings.resolved_database_url)
+    client = get_qdrant_client(settings)
+    collections = {name: QdrantMemory(client, name).count() for name in list_collections(client)}
+    jobs = repo.recent_jobs(5)
+    return {
+        "items": repo.count_items(),
+        "status": repo.status_counts(),
+        "collections": collections,
+        "alias": {"name": settings.memory_alias, "collection": live_collection(client, settings.memory_alias)},
+        "versions": [as_dict(v) for v in repo.versions()],
+        "recent_jobs": [as_dict(j) for j in jobs],
+        "database": _redact(settings.resolved_database_url),
+        "qdrant": settings.qdrant_url or settings.resolved_qdrant_path,
+    }
+
+
+def _redact(url: str) -> str:
+    """Never print a password that came in a URL."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)

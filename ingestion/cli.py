@@ -1,0 +1,58 @@
+"""``reco ingest``: added to the CLI through the ``reco.cli`` entry point (app never imports ingestion)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from app.cli._common import fail, load_settings, print_json
+
+
+def ingest(
+    source: Annotated[Path | None, typer.Argument(help="A folder of images or a CSV/JSONL manifest.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Ingest at most N rows.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object at the end.")] = False,
+    report: Annotated[bool, typer.Option("--report", help="Show the failures of a job instead.")] = False,
+    job: Annotated[int | None, typer.Option(help="Job id for --report (default: the latest).")] = None,
+) -> None:
+    """Ingest image-text pairs into the memory (synchronously, in this process)."""
+    from app.db.repo import MetadataRepo
+    from app.services.ingest import job_summary, prepare_storage
+    from ingestion.pipeline import ingest_source
+    from ingestion.sources import SourceError
+
+    settings = load_settings()
+    prepare_storage(settings)
+    if report:
+        repo = MetadataRepo.from_url(settings.resolved_database_url)
+        job_id = job or (repo.latest_job().id if repo.latest_job() else None)
+        if job_id is None:
+            fail("no ingest job yet")
+        _print_summary(job_summary(repo, job_id), as_json)
+        return
+    if source is None:
+        fail("give a SOURCE (folder or manifest), or --report")
+    try:
+        summary = ingest_source(source, settings, limit=limit, progress=not as_json)
+    except SourceError as exc:
+        fail(str(exc))
+    _print_summary(summary, as_json)
+
+
+def _print_summary(summary: dict, as_json: bool) -> None:  # type: ignore[type-arg]
+    if as_json:
+        print_json({k: summary[k] for k in ("job_id", "seen", "ingested", "duplicates", "failed")}
+                   | {"failures": [{"source": f["source"], "reason": f["reason"]} for f in summary["failures"]]})
+        return
+    typer.echo(f"job {summary['job_id']}: seen {summary['seen']}, ingested {summary['ingested']}, "
+               f"duplicates {summary['duplicates']}, failed {summary['failed']}")
+    for f in summary["failures"][:50]:
+        typer.echo(f"  {f['reason']:<20} {f['source']}  {f['detail'] or ''}")
+    if len(summary["failures"]) > 50:
+        typer.echo(f"  … {len(summary['failures']) - 50} more (reco ingest --report --json)")
+
+
+def register(cli: typer.Typer) -> None:
+    cli.command("ingest")(ingest)
