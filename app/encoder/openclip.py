@@ -24,7 +24,13 @@ from PIL import Image
 
 from app.encoder.base import l2_normalise
 from app.encoder.registry import ensure_model_configs_registered
-from app.encoder.weights import file_sha256, load_state_dict_file, resolve_registered_tag
+from app.encoder.weights import (
+    OmittedWeightsError,
+    file_sha256,
+    load_state_dict_file,
+    omitted_prefix_verified,
+    resolve_registered_tag,
+)
 
 if TYPE_CHECKING:
     from app.config import Settings
@@ -198,10 +204,16 @@ class OpenClipEncoder:
         return model, preprocess
 
     def _load_local_weights(self, model: torch.nn.Module, path: Path) -> None:
+        try:  # a frozen tower the file leaves out came from its package at model creation: check it is the same
+            omitted = omitted_prefix_verified(path)
+        except OmittedWeightsError as exc:
+            raise EncoderLoadError(str(exc)) from exc
         state = load_state_dict_file(path)
         missing, unexpected = model.load_state_dict(state, strict=False)
         # position_ids and similar buffers differ between open_clip versions; weights must not.
-        real_missing = [k for k in missing if not k.endswith("position_ids")]
+        real_missing = [
+            k for k in missing if not k.endswith("position_ids") and not (omitted and k.startswith(omitted))
+        ]
         if real_missing or unexpected:
             raise EncoderLoadError(
                 f"checkpoint {path} does not fit {self.model_name}: "
@@ -220,7 +232,7 @@ class OpenClipEncoder:
     # --- encoding ---------------------------------------------------------------------------
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         self._ensure_loaded()
-        return self._preprocess(image)  # type: ignore[no-any-return]
+        return self._preprocess(image)
 
     @property
     def image_size(self) -> int:
