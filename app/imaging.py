@@ -7,7 +7,6 @@ uploads in the UI, ``reco predict``/``search --image`` and the refine worker.
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +16,10 @@ from app.schemas import RejectReason
 
 # Formats we decode. SVG, HTML, PDF and friends are not images to Pillow and are refused earlier.
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})
+
+# Leading bytes of the formats above: a file that starts like an image but cannot be parsed is
+# corrupt (or cut short), not "not an image".
+_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
 
 # Never silently accept half an image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -68,28 +71,35 @@ def open_image_safely(data: bytes, limits: ImageLimits | None = None) -> Image.I
             if "truncated" in str(exc).lower():
                 raise ImageRejected(RejectReason.TRUNCATED, str(exc)) from exc
             raise ImageRejected(RejectReason.CORRUPT, str(exc)) from exc
-        except (SyntaxError, ValueError, EOFError, IndexError, TypeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - decoders raise anything on hostile input; all of it is "corrupt"
             raise ImageRejected(RejectReason.CORRUPT, f"{type(exc).__name__}: {exc}") from exc
         try:
             upright = ImageOps.exif_transpose(image) or image
         except Exception:  # noqa: BLE001 - a broken EXIF block must not lose an otherwise good image
             upright = image
-        return to_rgb(upright)
+        try:
+            return to_rgb(upright)
+        except Exception as exc:  # noqa: BLE001 - an exotic mode Pillow cannot convert
+            raise ImageRejected(RejectReason.UNSUPPORTED, f"mode {upright.mode}: {type(exc).__name__}: {exc}") from exc
     finally:
         image.close()
 
 
 def _open_header(data: bytes, limits: ImageLimits) -> Image.Image:
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(io.BytesIO(data))
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageRejected(RejectReason.DECOMPRESSION_BOMB, str(exc)) from exc
-        except UnidentifiedImageError as exc:
-            raise ImageRejected(RejectReason.NOT_AN_IMAGE, "not a recognised image format") from exc
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise ImageRejected(RejectReason.CORRUPT, f"{type(exc).__name__}: {exc}") from exc
+    # No warnings.catch_warnings() here: it swaps process-wide state and is not thread-safe (decode_rows
+    # runs this in a pool). Pillow raises DecompressionBombError itself past 2x its own cap; below that,
+    # _check_geometry applies limits.max_pixels, the cap that matters.
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise ImageRejected(RejectReason.DECOMPRESSION_BOMB, str(exc)) from exc
+    except UnidentifiedImageError as exc:
+        if data.startswith(_SIGNATURES):
+            raise ImageRejected(RejectReason.CORRUPT, "image signature, but the header cannot be parsed") from exc
+        raise ImageRejected(RejectReason.NOT_AN_IMAGE, "not a recognised image format") from exc
+    except Exception as exc:  # noqa: BLE001 - header parsers raise anything on hostile input
+        reason = RejectReason.TRUNCATED if "truncated" in str(exc).lower() else RejectReason.CORRUPT
+        raise ImageRejected(reason, f"{type(exc).__name__}: {exc}") from exc
     if image.format not in ALLOWED_FORMATS:
         image.close()
         raise ImageRejected(RejectReason.UNSUPPORTED, f"format {image.format} is not accepted")
@@ -111,6 +121,10 @@ def _check_geometry(image: Image.Image, limits: ImageLimits) -> None:
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode to RGB; transparency is composited on white, 16-bit is rescaled."""
     mode = image.mode
+    if mode in {"P", "L", "RGB"} and "transparency" in image.info:
+        # a tRNS colour key (palette, grey or RGB) is transparency like an alpha channel: same white backdrop
+        image = image.convert("RGBA")
+        mode = "RGBA"
     if mode == "RGB":
         return image.copy()
     if mode.startswith("I;16") or mode in {"I", "F"}:
@@ -118,9 +132,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
         top = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
         grey = np.clip(arr / top * 255.0, 0, 255).astype(np.uint8)
         return Image.fromarray(grey, mode="L").convert("RGB")
-    if mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-        mode = "RGBA"
     if mode in {"RGBA", "LA", "PA", "RGBa", "La"}:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

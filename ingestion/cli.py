@@ -16,8 +16,17 @@ def ingest(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object at the end.")] = False,
     report: Annotated[bool, typer.Option("--report", help="Show the failures of a job instead.")] = False,
     job: Annotated[int | None, typer.Option(help="Job id for --report (default: the latest).")] = None,
+    enqueue: Annotated[bool, typer.Option("--async", help="Enqueue for the embed workers instead.")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="With --async: return when every row is done.")] = False,
+    watch: Annotated[Path | None, typer.Option("--watch", help="Keep submitting new files/rows of DIR.")] = None,
+    once: Annotated[bool, typer.Option("--once", help="With --watch: one scan, then exit.")] = False,
 ) -> None:
-    """Ingest image-text pairs into the memory (synchronously, in this process)."""
+    """Ingest image-text pairs into the memory (in this process, or --async / --watch through the workers)."""
+    if enqueue or watch is not None:
+        from ingestion.dispatch import run_async_cli
+
+        run_async_cli(source, watch, limit=limit, wait=wait, once=once, as_json=as_json)
+        return
     from app.db.repo import MetadataRepo
     from app.services.ingest import job_summary, prepare_storage
     from ingestion.pipeline import ingest_source

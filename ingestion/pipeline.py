@@ -12,11 +12,11 @@ from tqdm import tqdm
 
 from app.config import Settings
 from app.imaging import ImageLimits
-from app.manifest import MANIFEST_SUFFIXES, InputRow
+from app.manifest import InputRow
 from app.schemas import JobStatus
 from app.services.ingest import FailedInput, IngestService, PreparedItem, job_summary
 from ingestion.decode import Decoded, Rejected, decode_rows
-from ingestion.sources import iter_source
+from ingestion.sources import iter_source, source_kind
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +26,6 @@ def to_service_input(outcome: Decoded | Rejected) -> PreparedItem | FailedInput:
         return FailedInput(outcome.source, outcome.reason, outcome.detail)
     return PreparedItem(row=outcome.row, image_hash=outcome.image_hash, size_bytes=outcome.size_bytes,
                         image=outcome.image)
-
-
-def source_kind(path: Path) -> str:
-    return "manifest" if path.suffix.lower() in MANIFEST_SUFFIXES else "folder"
 
 
 def batched(rows: Iterator[InputRow], size: int) -> Iterator[list[InputRow]]:

@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from app.db.repo import FailureRecord, MetadataRepo, NewItem
 from app.db.session import upgrade_database
 from app.encoder import Encoder, create_encoder
+from app.manifest import printable
 from app.memory.base import ItemPayload, MemoryRecord, content_hash, item_id_for
 from app.memory.qdrant import QdrantMemory, get_qdrant_client, live_collection, swap_alias
 from app.schemas import EmbedStatus, JobStatus, RejectReason
@@ -246,7 +247,8 @@ def _new_item(p: PreparedItem, caption: str) -> NewItem:
     row = p.row
     return NewItem(
         id=item_id_for(p.image_hash, caption), content_hash=content_hash(p.image_hash, caption),
-        image_hash=p.image_hash, caption=caption, source_uri=row.source if row.path is None else str(row.path),
+        image_hash=p.image_hash, caption=caption,
+        source_uri=row.source if row.path is None else printable(str(row.path)),  # non-UTF-8 names escaped
         dataset=row.dataset, split=row.split, label=row.label, size_bytes=p.size_bytes,
         width=p.width if p.width is not None else (p.image.width if p.image is not None else None),
         height=p.height if p.height is not None else (p.image.height if p.image is not None else None),
