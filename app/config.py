@@ -34,6 +34,11 @@ class Settings(BaseSettings):
     qdrant_api_key: SecretStr | None = None
     memory_alias: str = Field(default="memory", description="Alias that points at the live collection.")
 
+    shared_data: Path = Field(
+        default_factory=lambda: Path(__file__).resolve().parents[2] / "shared" / "data",
+        description="Datasets for training and evaluation (flickr8k/, imagenette/, …; see its README).",
+    )
+
     # --- jobs --------------------------------------------------------------------------------
     broker_url: str = "redis://127.0.0.1:6379/0"
     result_backend: str | None = None
@@ -94,6 +99,17 @@ class Settings(BaseSettings):
     embed_queue_high_water: int = Field(default=2_000, ge=1, description="Backpressure above this.")
     watch_interval_s: float = 5.0
     reembed_batch_size: int = 256
+    watch_dirs: list[Path] = Field(default_factory=list, description="Folders the beat-scheduled scan watches.")
+    broker_visibility_timeout_s: int = Field(
+        default=3600, ge=1, description="Redis: an unacked message is redelivered after this (worker died).")
+    ingest_stale_after_s: float = Field(
+        default=300.0, gt=0, description="A submitted row still queued this long, with the embed queue "
+        "drained, is re-enqueued (its message was lost, e.g. a broker restart without persistence).")
+    maintenance_interval_s: float = Field(
+        default=60.0, gt=0, description="Beat: resume lost rows, reconcile, publish the refine snapshot.")
+    reembed_check_interval_s: float = Field(
+        default=3600.0, gt=0, description="Beat: re-embed when the configured encoder is not the live one.")
+    refine_timeout_s: float = Field(default=30.0, gt=0, description="Clients wait this long for a refine answer.")
 
     # --- UI ----------------------------------------------------------------------------------------
     ui_port: int = 8501

@@ -183,10 +183,9 @@ def run_async_cli(source: Path | None, watch_dir: Path | None, *, limit: int | N
     import typer
 
     from app.cli._common import fail, load_settings, print_json
+    from app.db.session import upgrade_database
     from ingestion.sources import SourceError
     from workers.client import default_sender
-
-    from app.db.session import upgrade_database
 
     settings = load_settings()
     settings.ensure_dirs()

@@ -117,6 +117,31 @@ class IngestFailure(Base):
     job: Mapped[IngestJob] = relationship(back_populates="failures")
 
 
+class IngestTask(Base):
+    """One submitted row of an asynchronous ingest job: the exactly-once ledger.
+
+    Written (state ``queued``) before its message is sent; a worker moves it to ``embedded`` or
+    ``failed`` once, with a conditional update, so a redelivered message changes nothing. Rows still
+    queued after their message was lost (broker restart) are found here and sent again.
+    """
+
+    __tablename__ = "ingest_tasks"
+    __table_args__ = (Index("ix_ingest_tasks_state_enqueued", "state", "enqueued_at"),)
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("ingest_jobs.id", ondelete="CASCADE"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)  # row number within the job
+    source: Mapped[str] = mapped_column(Text)
+    row: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # the InputRow, as JSON
+    state: Mapped[str] = mapped_column(String(16))  # queued | embedded | failed
+    item_id: Mapped[str | None] = mapped_column(String(36), index=True)
+    reason: Mapped[str | None] = mapped_column(String(64))  # RejectReason when failed
+    detail: Mapped[str | None] = mapped_column(Text)
+    sends: Mapped[int] = mapped_column(Integer, default=1)  # messages sent for this row (>1: re-sent)
+    enqueued_at: Mapped[datetime] = mapped_column(default=utcnow)
+    claimed_at: Mapped[datetime | None] = mapped_column()  # a worker started on it
+    finished_at: Mapped[datetime | None] = mapped_column()
+
+
 class EmbeddingVersion(Base):
     """One Qdrant collection = one encoder id; ``is_live`` mirrors the alias."""
 

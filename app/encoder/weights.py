@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -56,3 +57,55 @@ def resolve_registered_tag(model: str, tag: str) -> tuple[Path, str] | None:
 
 def write_model_card(path: Path, card: dict[str, object]) -> None:
     path.write_text(json.dumps(card, indent=2) + "\n")
+
+
+# A checkpoint may leave out a frozen tower that loads from an installed package (the base model's
+# MiniLM text tower, 87 MB, would not fit a committed file). Its safetensors metadata names the left-out
+# key prefix, the packaged HF model and the sha256 of that package's weights file.
+META_OMITTED_PREFIX = "reco.omitted_prefix"
+META_OMITTED_MODEL = "reco.omitted_hf_model"
+META_OMITTED_SHA = "reco.omitted_weights_sha256"
+
+
+class OmittedWeightsError(RuntimeError):
+    """The package that should supply a checkpoint's left-out tower is missing or holds other weights."""
+
+
+def checkpoint_metadata(path: Path) -> dict[str, str]:
+    """String metadata of a safetensors file; {} for other formats."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return dict(fh.metadata() or {})
+
+
+@lru_cache(maxsize=8)
+def _cached_sha256(path: Path, size: int, mtime_ns: int) -> str:
+    return file_sha256(path)
+
+
+def omitted_prefix_verified(path: Path) -> str:
+    """'' for a complete checkpoint; else the prefix of keys the checkpoint leaves out, once the package
+    that supplies them is found and its weights file has the recorded sha256."""
+    meta = checkpoint_metadata(path)
+    prefix = meta.get(META_OMITTED_PREFIX, "")
+    if not prefix:
+        return ""
+    from app.encoder.registry import packaged_hf_model_dir
+
+    hf_name = meta.get(META_OMITTED_MODEL, "")
+    folder = packaged_hf_model_dir(hf_name)
+    weights = folder / "model.safetensors" if folder is not None else None
+    if weights is None or not weights.is_file():
+        raise OmittedWeightsError(f"{path} needs the packaged text tower {hf_name!r}, which is not installed")
+    stat = weights.stat()
+    actual = _cached_sha256(weights, stat.st_size, stat.st_mtime_ns)
+    if actual != meta.get(META_OMITTED_SHA):
+        raise OmittedWeightsError(
+            f"{path} was trained with {hf_name} weights sha256 {meta.get(META_OMITTED_SHA)}, "
+            f"but {weights} has {actual}"
+        )
+    return prefix
