@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import torch
+from PIL import Image
 from tqdm import tqdm
 
 from app.config import Settings
 from app.imaging import ImageLimits
 from app.manifest import InputRow
-from app.schemas import JobStatus
+from app.schemas import JobStatus, RejectReason
 from app.services.ingest import FailedInput, IngestService, PreparedItem, job_summary
 from ingestion.decode import Decoded, Rejected, decode_rows
 from ingestion.sources import iter_source, source_kind
@@ -21,16 +24,50 @@ from ingestion.sources import iter_source, source_kind
 log = logging.getLogger(__name__)
 
 
-def to_service_input(outcome: Decoded | Rejected) -> PreparedItem | FailedInput:
+def to_service_input(
+    outcome: Decoded | Rejected, preprocess: Callable[[Image.Image], torch.Tensor] | None = None
+) -> PreparedItem | FailedInput:
+    """A decode outcome for the service; with ``preprocess``, pixels are made here, off the encode path."""
     if isinstance(outcome, Rejected):
         return FailedInput(outcome.source, outcome.reason, outcome.detail)
+    image = outcome.image
+    if preprocess is None:
+        return PreparedItem(row=outcome.row, image_hash=outcome.image_hash, size_bytes=outcome.size_bytes,
+                            image=image)
+    try:
+        pixels = preprocess(image)
+    except Exception as exc:  # noqa: BLE001 - one odd image must not stop the batch
+        return FailedInput(outcome.source, RejectReason.UNSUPPORTED, f"preprocess failed: {exc}")
     return PreparedItem(row=outcome.row, image_hash=outcome.image_hash, size_bytes=outcome.size_bytes,
-                        image=outcome.image)
+                        pixels=pixels, width=image.width, height=image.height)
 
 
 def batched(rows: Iterator[InputRow], size: int) -> Iterator[list[InputRow]]:
     while chunk := list(itertools.islice(rows, size)):
         yield chunk
+
+
+def prepared_batches(
+    rows: Iterator[InputRow], settings: Settings, preprocess: Callable[[Image.Image], torch.Tensor] | None
+) -> Iterator[tuple[int, list[PreparedItem | FailedInput]]]:
+    """Batches decoded one step ahead in a background thread, so decoding overlaps encoding."""
+    limits = ImageLimits.from_settings(settings)
+
+    def prepare(chunk: list[InputRow]) -> list[PreparedItem | FailedInput]:
+        outcomes = decode_rows(chunk, limits, workers=settings.decode_workers)
+        return [to_service_input(o, preprocess) for o in outcomes]
+
+    chunks = batched(rows, settings.ingest_batch_size)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
+        first = next(chunks, None)
+        pending: Future[list[PreparedItem | FailedInput]] | None = (
+            pool.submit(prepare, first) if first is not None else None)
+        size = len(first) if first is not None else 0
+        while pending is not None:
+            nxt = next(chunks, None)
+            following = pool.submit(prepare, nxt) if nxt is not None else None
+            yield size, pending.result()
+            pending, size = following, (len(nxt) if nxt is not None else 0)
 
 
 def ingest_source(
@@ -48,13 +85,12 @@ def ingest_source(
         rows = itertools.islice(rows, limit)
     service = service or IngestService(settings)
     job_id = service.start_job(str(path.resolve()), source_kind(path))
-    limits = ImageLimits.from_settings(settings)
+    preprocess = getattr(service.encoder, "preprocess", None)
     try:
         with tqdm(total=limit, unit="item", desc="ingest", disable=not progress, dynamic_ncols=True) as bar:
-            for chunk in batched(rows, settings.ingest_batch_size):
-                outcomes = decode_rows(chunk, limits, workers=settings.decode_workers)
-                result = service.write_batch(job_id, [to_service_input(o) for o in outcomes])
-                bar.update(len(chunk))
+            for size, inputs in prepared_batches(rows, settings, preprocess):
+                result = service.write_batch(job_id, inputs)
+                bar.update(size)
                 bar.set_postfix(new=result.ingested, dup=result.duplicates, failed=result.failed, refresh=False)
     except BaseException as exc:
         service.finish_job(job_id, JobStatus.FAILED, f"{type(exc).__name__}: {exc}")
