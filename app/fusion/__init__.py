@@ -1,0 +1,1 @@
+"""The RECO fusion: config, model, loss, checkpoints and training on cached embeddings."""

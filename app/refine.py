@@ -1,0 +1,182 @@
+"""Refinement service: a query embedding, its neighbours from the memory, the fusion's output.
+
+``refine_image(v)`` gives v-bar, ``refine_text(t)`` gives t-bar, each with the neighbours it used
+(ids, search scores, captions when the memory has payloads) and the query's attention over them
+(what the UI shows). :meth:`Refiner.apply_mode` picks the sides for the inference modes
+``clip`` (v, t), ``image`` (v-bar, t), ``text`` (v, t-bar) and ``both`` (v-bar, t-bar).
+
+The memory is either the exact index (batched: evaluation, zero-shot class embeddings) or any
+``VectorMemory`` such as Qdrant (online, one query at a time). The memory may be changed or swapped
+after training without retraining (paper Fig. 3 middle): the refiner only reads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from app.fusion.checkpoint import CheckpointMeta, load_checkpoint
+from app.fusion.config import FusionCfg
+from app.fusion.model import RecoFusion
+from app.memory.base import Filters, VectorMemory
+from app.memory.exact import ExactIndex
+from app.retrieval import RetrievalCfg, find_neighbours, gather_embeddings, retrieve_online
+from app.schemas import Modality, RefineMode
+
+
+@dataclass
+class NeighbourInfo:
+    item_id: str
+    score: float  # search similarity to the query
+    attention: float  # the query's attention weight on this neighbour (heads averaged)
+    caption: str | None = None
+    image_hash: str | None = None
+
+
+@dataclass
+class Refinement:
+    vector: np.ndarray  # (d,) refined, L2-normalised
+    modality: Modality
+    neighbours: list[NeighbourInfo] = field(default_factory=list)
+    self_attention: float = 1.0  # attention of the query on itself; the rest went to the neighbours
+
+
+def memory_version_of(memory: VectorMemory) -> str:
+    """Names a memory's content for caches: the exact index hashes its ids, Qdrant gives name:count."""
+    if isinstance(memory, ExactIndex):
+        return memory.version
+    name = getattr(memory, "collection", type(memory).__name__)
+    return f"{name}:{memory.count()}"
+
+
+class Refiner:
+    """Refines embeddings with one trained fusion model over one memory."""
+
+    def __init__(
+        self,
+        model: RecoFusion,
+        memory: VectorMemory,
+        *,
+        k: int,
+        retrieval: RetrievalCfg | None = None,
+        device: str | torch.device = "cpu",
+        filters: Filters | None = None,
+        batch_size: int = 1024,
+    ) -> None:
+        if filters and isinstance(memory, ExactIndex):
+            raise ValueError("filter the exact index when building it (ExactIndex.subset), not per query")
+        self.model = model.to(device).eval()
+        self.memory = memory
+        self.k = k
+        self.retrieval = retrieval or RetrievalCfg()
+        self.device = torch.device(device)
+        self.filters = filters
+        self.batch_size = batch_size
+
+    @property
+    def memory_version(self) -> str:
+        return memory_version_of(self.memory)
+
+    # --- one query, with explanations --------------------------------------------------------
+    def refine_image(self, v: np.ndarray, *, exclude_ids: tuple[str, ...] = ()) -> Refinement:
+        return self.refine_one(v, Modality.IMAGE, exclude_ids=exclude_ids)
+
+    def refine_text(self, t: np.ndarray, *, exclude_ids: tuple[str, ...] = ()) -> Refinement:
+        return self.refine_one(t, Modality.TEXT, exclude_ids=exclude_ids)
+
+    def refine_one(self, vector: np.ndarray, modality: Modality, *, exclude_ids: tuple[str, ...] = ()) -> Refinement:
+        vector = np.asarray(vector, np.float32).reshape(-1)
+        infos, neighbours = self._neighbours_of_one(vector, modality, exclude_ids)
+        refined, attention = self._fuse(vector[None], neighbours[None], modality)
+        for i, info in enumerate(infos):
+            info.attention = float(attention[0, 1 + i])
+        return Refinement(refined[0], Modality(modality), infos, float(attention[0, 0]))
+
+    def _neighbours_of_one(
+        self, vector: np.ndarray, modality: Modality, exclude_ids: tuple[str, ...]
+    ) -> tuple[list[NeighbourInfo], np.ndarray]:
+        fused = self.retrieval.fused(modality)
+        if isinstance(self.memory, ExactIndex):
+            index = self.memory
+            found = find_neighbours(index, vector[None], modality, self.k, self.retrieval,
+                                    exclude_ids=[list(exclude_ids)])
+            rows = found.rows[0][found.valid[0]]
+            infos = [
+                NeighbourInfo(index.ids[r], float(s), 0.0, index.payloads[r].caption if index.payloads else None,
+                              index.image_hashes[r])
+                for r, s in zip(rows, found.scores[0][found.valid[0]], strict=True)
+            ]
+            return infos, np.asarray(index.matrix(fused)[rows], np.float32).reshape(len(rows), -1)
+        online = retrieve_online(self.memory, vector, modality, self.k, self.retrieval,
+                                 filters=self.filters, exclude_ids=exclude_ids)
+        infos = [
+            NeighbourInfo(hit.item_id, hit.score, 0.0, hit.payload.caption if hit.payload else None,
+                          hit.payload.image_hash if hit.payload else None)
+            for hit in online.hits
+        ]
+        embeddings = online.embeddings if online.hits else np.zeros((0, len(vector)), np.float32)
+        return infos, embeddings.astype(np.float32).reshape(len(online.hits), len(vector))
+
+    # --- many queries (batched over the exact index) ------------------------------------------
+    def refine_many(self, vectors: np.ndarray, modality: Modality) -> np.ndarray:
+        """(n, d) refined embeddings; one batched search when the memory is the exact index."""
+        vectors = np.atleast_2d(np.asarray(vectors, np.float32))
+        if not isinstance(self.memory, ExactIndex):
+            return np.stack([self.refine_one(v, modality).vector for v in vectors]) if len(vectors) else vectors
+        out = np.empty_like(vectors)
+        for start in range(0, len(vectors), self.batch_size):
+            chunk = vectors[start: start + self.batch_size]
+            found = find_neighbours(self.memory, chunk, modality, self.k, self.retrieval)
+            emb, valid = gather_embeddings(self.memory, found.rows, self.retrieval.fused(modality))
+            out[start: start + len(chunk)] = self._fuse(chunk, emb, modality, valid)[0]
+        return out
+
+    def _fuse(
+        self, queries: np.ndarray, neighbours: np.ndarray, modality: Modality, valid: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        with torch.inference_mode():
+            q = torch.from_numpy(np.ascontiguousarray(queries)).to(self.device)
+            nb = torch.from_numpy(np.ascontiguousarray(neighbours)).to(self.device)
+            mask = None if valid is None else torch.from_numpy(valid).to(self.device)
+            out = self.model.refine(modality, q, nb, mask)
+        return out.embedding.float().cpu().numpy(), out.attention.float().cpu().numpy()
+
+    def apply_mode(
+        self, images: np.ndarray, texts: np.ndarray, mode: RefineMode
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The (image, text) embeddings an inference mode compares."""
+        mode = RefineMode(mode)
+        if mode in (RefineMode.IMAGE, RefineMode.BOTH):
+            images = self.refine_many(images, Modality.IMAGE)
+        if mode in (RefineMode.TEXT, RefineMode.BOTH):
+            texts = self.refine_many(texts, Modality.TEXT)
+        return images, texts
+
+
+def refiner_from_checkpoint(
+    path: Path,
+    memory: VectorMemory,
+    *,
+    k: int,
+    retrieval: RetrievalCfg | None = None,
+    expected_sha256: str | None = None,
+    device: str | torch.device = "cpu",
+    **kwargs: Any,
+) -> tuple[Refiner, CheckpointMeta]:
+    """The retrieval switches default to those the checkpoint was trained with."""
+    model, meta = load_checkpoint(path, expected_sha256=expected_sha256, device=device)
+    if retrieval is None:
+        retrieval = RetrievalCfg.from_dict(meta.options.get("retrieval", {}))
+    return Refiner(model, memory, k=k, retrieval=retrieval, device=device, **kwargs), meta
+
+
+def mean_fusion_refiner(
+    memory: VectorMemory, dim: int, *, k: int, retrieval: RetrievalCfg | None = None, **kwargs: Any
+) -> Refiner:
+    """The untrained averaging baseline of the ablation (no checkpoint needed)."""
+    model = RecoFusion(FusionCfg(name="mean", kind="mean"), dim)
+    return Refiner(model, memory, k=k, retrieval=retrieval, **kwargs)

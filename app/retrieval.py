@@ -1,0 +1,192 @@
+"""Neighbour retrieval for the fusion: what is searched, what is handed over (paper Sec. 3.1, Tab. 3).
+
+Four switches: search ``uni`` (image->image, text->text; the paper's choice) or ``cross``
+(image->text, text->image), and fuse ``cross`` (an image query gets its neighbours' *text*
+embeddings, a text query their *image* embeddings; the paper's choice) or ``uni``.
+
+Neighbours are deduplicated by image by default: a memory may hold several captions of one image
+(Flickr8k: five), and k neighbours should be k distinct images. The image is represented by the
+best-scoring of its rows: its caption is the one whose text embedding is handed to the fusion. With
+image->image search all captions of one image tie (same image embedding); the tie is broken by the
+lowest row, so the choice is deterministic.
+
+Two back ends: :func:`find_neighbours` over an :class:`ExactIndex` (batched, for training and
+evaluation) and :func:`retrieve_online` over any ``VectorMemory`` (Qdrant, for online refinement).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from app.memory.base import Filters, SearchHit, VectorMemory
+from app.memory.exact import ExactIndex
+from app.schemas import Modality
+
+SearchKind = Literal["uni", "cross"]
+FusionKind = Literal["cross", "uni"]
+
+
+def other(modality: Modality) -> Modality:
+    return Modality.TEXT if Modality(modality) is Modality.IMAGE else Modality.IMAGE
+
+
+@dataclass(frozen=True)
+class RetrievalCfg:
+    search: SearchKind = "uni"
+    fusion: FusionKind = "cross"
+    dedupe_by_image: bool = True
+
+    def __post_init__(self) -> None:
+        if self.search not in ("uni", "cross") or self.fusion not in ("uni", "cross"):
+            raise ValueError(f"search and fusion must each be 'uni' or 'cross', got {self.search}/{self.fusion}")
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> RetrievalCfg:
+        return cls(settings.search_modality, settings.fusion_modality, settings.dedupe_neighbours_by_image)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RetrievalCfg:
+        return cls(**{k: data[k] for k in ("search", "fusion", "dedupe_by_image") if k in data})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def searched(self, query: Modality) -> Modality:
+        """Which memory matrix the query is compared with."""
+        return Modality(query) if self.search == "uni" else other(query)
+
+    def fused(self, query: Modality) -> Modality:
+        """Which embeddings of the neighbours the fusion receives."""
+        return other(query) if self.fusion == "cross" else Modality(query)
+
+
+@dataclass
+class Neighbours:
+    """Per query: memory rows (-1 = none) and their search scores, best first."""
+
+    rows: np.ndarray  # (n, k) int64
+    scores: np.ndarray  # (n, k) float32
+
+    @property
+    def valid(self) -> np.ndarray:
+        return self.rows >= 0
+
+
+def dedupe_rows_by_image(
+    rows: np.ndarray, scores: np.ndarray, image_codes: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the first (best-scoring, then lowest) row of each image, then the first ``k`` of those."""
+    n, width = rows.shape
+    order = np.lexsort((np.where(rows >= 0, rows, np.iinfo(np.int64).max), -scores), axis=-1)
+    rows = np.take_along_axis(rows, order, 1)
+    scores = np.take_along_axis(scores, order, 1)
+    codes = np.where(rows >= 0, image_codes[np.maximum(rows, 0)], -1)
+    by_code = np.argsort(codes, axis=1, kind="stable")  # stable: the earlier (better) row of a code comes first
+    sorted_codes = np.take_along_axis(codes, by_code, 1)
+    repeat = np.zeros_like(codes, dtype=bool)
+    repeat[:, 1:] = sorted_codes[:, 1:] == sorted_codes[:, :-1]
+    first = np.ones_like(repeat)
+    np.put_along_axis(first, by_code, ~repeat, 1)
+    keep = first & (rows >= 0)
+    position = np.where(keep, np.arange(width)[None, :], width)
+    chosen = np.sort(position, axis=1)[:, :k]
+    if chosen.shape[1] < k:
+        chosen = np.pad(chosen, ((0, 0), (0, k - chosen.shape[1])), constant_values=width)
+    ok = chosen < width
+    safe = np.minimum(chosen, width - 1)
+    out_rows = np.where(ok, np.take_along_axis(rows, safe, 1), -1)
+    out_scores = np.where(ok, np.take_along_axis(scores, safe, 1), -np.inf).astype(np.float32)
+    return out_rows, out_scores
+
+
+def find_neighbours(
+    index: ExactIndex,
+    queries: np.ndarray,
+    query_modality: Modality,
+    k: int,
+    cfg: RetrievalCfg,
+    *,
+    exclude_ids: Sequence[Iterable[str] | str] | None = None,
+    exclude_image_hashes: Sequence[Iterable[str] | str] | None = None,
+) -> Neighbours:
+    """k neighbours per query from the exact index (batched). Self-exclusion via the two exclude lists."""
+    if len(index) == 0:  # e.g. every memory row was a near-duplicate of the evaluation images
+        n = len(np.atleast_2d(queries))
+        return Neighbours(rows=np.full((n, k), -1, np.int64), scores=np.full((n, k), -np.inf, np.float32))
+    # Over-fetch by the most captions an image has: then k distinct images are always among them.
+    fetch = k * index.max_rows_per_image if cfg.dedupe_by_image else k
+    scores, rows = index.knn(
+        queries, cfg.searched(query_modality), fetch,
+        exclude_ids=exclude_ids, exclude_image_hashes=exclude_image_hashes,
+    )
+    if cfg.dedupe_by_image:
+        rows, scores = dedupe_rows_by_image(rows, scores, index.image_codes, k)
+    return Neighbours(rows=rows[:, :k], scores=scores[:, :k])
+
+
+def gather_embeddings(index: ExactIndex, rows: np.ndarray, modality: Modality) -> tuple[np.ndarray, np.ndarray]:
+    """(n, k, d) float32 embeddings of the given rows (zeros where row = -1) and the (n, k) valid mask."""
+    valid = rows >= 0
+    if len(index) == 0:
+        return np.zeros((*rows.shape, index.dim), np.float32), valid
+    emb = np.asarray(index.matrix(modality)[np.maximum(rows, 0).reshape(-1)], np.float32)
+    emb = emb.reshape(*rows.shape, index.dim)
+    emb[~valid] = 0.0
+    return emb, valid
+
+
+# --- online, over any VectorMemory ---------------------------------------------------------------
+def fetch_vectors(memory: VectorMemory, item_ids: Sequence[str], modality: Modality) -> np.ndarray:
+    """Stored vectors of ``item_ids`` (the exact index has them in RAM, Qdrant returns them by id)."""
+    if not item_ids:
+        return np.zeros((0, 0), np.float32)
+    if hasattr(memory, "fetch_vectors"):
+        return np.asarray(memory.fetch_vectors(item_ids, modality), np.float32)
+    if hasattr(memory, "retrieve"):
+        points = {str(p.id): p for p in memory.retrieve(item_ids, with_vectors=True)}
+        return np.stack([np.asarray(points[i].vector[str(modality)], np.float32) for i in item_ids])
+    raise TypeError(f"{type(memory).__name__} cannot return stored vectors")
+
+
+@dataclass
+class OnlineNeighbours:
+    hits: list[SearchHit]
+    embeddings: np.ndarray  # (len(hits), d): the fused modality's embeddings
+
+
+def _dedupe_hits(hits: list[SearchHit], k: int) -> list[SearchHit]:
+    seen: set[str] = set()
+    kept: list[SearchHit] = []
+    for hit in sorted(hits, key=lambda h: -h.score):  # stable: Qdrant's order among ties is kept
+        image = hit.payload.image_hash if hit.payload is not None else hit.item_id
+        if image not in seen:
+            seen.add(image)
+            kept.append(hit)
+    return kept[:k]
+
+
+def retrieve_online(
+    memory: VectorMemory,
+    vector: np.ndarray,
+    query_modality: Modality,
+    k: int,
+    cfg: RetrievalCfg,
+    *,
+    filters: Filters | None = None,
+    exclude_ids: Sequence[str] = (),
+) -> OnlineNeighbours:
+    """One query against any ``VectorMemory``; over-fetches until k distinct images (or the end)."""
+    searched = cfg.searched(query_modality)
+    fetch = k * 5 if cfg.dedupe_by_image else k
+    while True:
+        hits = memory.search(vector, searched, fetch, filters=filters, exclude_ids=exclude_ids)
+        kept = _dedupe_hits(hits, k) if cfg.dedupe_by_image else hits[:k]
+        if len(kept) >= k or len(hits) < fetch:
+            break
+        fetch *= 4
+    embeddings = fetch_vectors(memory, [h.item_id for h in kept], cfg.fused(query_modality))
+    return OnlineNeighbours(hits=kept, embeddings=embeddings)

@@ -1,0 +1,114 @@
+"""What training, evaluation and prediction share: the memory as cached matrices, the checkpoint to use,
+the metadata DB, the device.
+
+Exporting a Qdrant collection is the slow part of ``reco train``/``reco eval``; the export is cached
+as ``.npz`` under ``<data_dir>/cache/memory``, keyed by collection, its point count and the payload
+filter. Ingestion only adds points, so a changed count means a changed memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.config import Settings
+from app.db.runs import CheckpointRecord, checkpoint_by_sha256, newest_checkpoint
+from app.db.session import make_session_factory, upgrade_database
+from app.encoder.openclip import collection_name_for
+from app.encoder.weights import file_sha256
+from app.memory.base import Filters, ItemPayload, MemoryMatrices
+from app.memory.exact import ExactIndex
+from app.memory.qdrant import QdrantMemory, get_qdrant_client
+
+log = logging.getLogger(__name__)
+
+
+class MethodError(RuntimeError):
+    """A precondition of training/evaluation is not met (empty memory, no checkpoint, ...)."""
+
+
+def resolve_device(settings: Settings) -> str:
+    if settings.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return settings.device
+
+
+def session_factory_for(settings: Settings) -> sessionmaker[Session]:
+    """The metadata DB, migrated to head first (idempotent, as the ingest service does)."""
+    upgrade_database(settings.resolved_database_url)
+    return make_session_factory(settings.resolved_database_url)
+
+
+def safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
+
+
+def memory_for_encoder(settings: Settings, encoder_id: str) -> QdrantMemory:
+    memory = QdrantMemory(get_qdrant_client(settings), collection_name_for(encoder_id))
+    if not memory.exists() or memory.count() == 0:
+        raise MethodError(f"the memory holds no embeddings for encoder {encoder_id}: run `reco ingest` first")
+    return memory
+
+
+def _cache_path(settings: Settings, memory: QdrantMemory, filters: Filters | None) -> Path:
+    key = json.dumps({"collection": memory.collection, "count": memory.count(),
+                      "filters": {k: filters[k] for k in sorted(filters)} if filters else None}, default=str)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return settings.data_dir / "cache" / "memory" / f"{safe_name(memory.collection)}-{digest}.npz"
+
+
+def load_matrices(settings: Settings, memory: QdrantMemory, filters: Filters | None = None) -> MemoryMatrices:
+    """The memory (or the rows matching ``filters``) as matrices, from the cache when it is current."""
+    path = _cache_path(settings, memory, filters)
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as data:
+            payloads = [ItemPayload.model_validate_json(p) for p in data["payloads"].tolist()]
+            return MemoryMatrices(ids=data["ids"].tolist(), image=data["image"], text=data["text"],
+                                  image_hashes=data["image_hashes"].tolist(), payloads=payloads)
+    matrices = memory.export_matrices(filters=filters)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, ids=np.asarray(matrices.ids, dtype=str), image=matrices.image, text=matrices.text,
+             image_hashes=np.asarray(matrices.image_hashes, dtype=str),
+             payloads=np.asarray([p.model_dump_json() for p in matrices.payloads], dtype=str))
+    tmp.replace(path)
+    log.info("cached %d memory rows at %s", len(matrices), path)
+    return matrices
+
+
+def exact_index(settings: Settings, matrices: MemoryMatrices, *, version: str | None = None) -> ExactIndex:
+    return ExactIndex.from_matrices(matrices, dtype=settings.exact_index_dtype, chunk=settings.exact_index_chunk,
+                                    device=resolve_device(settings), version=version)
+
+
+def resolve_checkpoint(
+    settings: Settings, encoder_id: str, explicit: Path | str | None, factory: sessionmaker[Session]
+) -> tuple[Path, CheckpointRecord | None]:
+    """An explicit file, else RECO_FUSION_CHECKPOINT, else the newest registered for ``encoder_id``."""
+    chosen = explicit or settings.fusion_checkpoint or None
+    if chosen:
+        path = Path(chosen).expanduser()
+        if not path.is_file():
+            raise MethodError(f"fusion checkpoint not found: {path}")
+        return path, checkpoint_by_sha256(factory, file_sha256(path))
+    record = newest_checkpoint(factory, encoder_id)
+    if record is None:
+        raise MethodError(f"no fusion checkpoint registered for encoder {encoder_id}: run `reco train` first "
+                          "(or evaluate with --modes clip)")
+    return Path(record.path), record
+
+
+def checkpoint_label(path: Path, record: CheckpointRecord | None) -> str:
+    return f"{record.id}:{path.name}" if record else str(path)
+
+
+def describe_filters(filters: dict[str, Any] | None) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted((filters or {}).items())) or "all"

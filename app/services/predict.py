@@ -1,0 +1,138 @@
+"""``reco predict``: zero-shot classification of one image, with the neighbours that explain it.
+
+Class embeddings (templates x class names, refined by text->text search for modes ``text``/``both``)
+are cached per (encoder, checkpoint, memory version, classes, templates), so a prediction costs one
+image encode and, for modes ``image``/``both``, one image refinement against the live memory.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.config import Settings
+from app.encoder import Encoder, create_encoder
+from app.imaging import ImageLimits, open_image_safely
+from app.memory.base import VectorMemory
+from app.refine import Refinement, Refiner, refiner_from_checkpoint
+from app.schemas import RefineMode
+from app.services.method_common import (
+    checkpoint_label,
+    memory_for_encoder,
+    resolve_checkpoint,
+    resolve_device,
+    session_factory_for,
+)
+from app.zeroshot import ClassEmbeddingCache, ZeroShotClassifier
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    image_bytes: bytes = Field(repr=False)
+    classes: list[str] = Field(min_length=1)
+    templates: str | None = None
+    mode: RefineMode = RefineMode.BOTH
+    top: int = Field(default=5, ge=1)
+    k: int | None = Field(default=None, ge=1)
+    checkpoint: Path | None = None
+
+
+class ClassScore(BaseModel):
+    label: int
+    name: str
+    score: float
+
+
+class NeighbourOut(BaseModel):
+    item_id: str
+    score: float
+    attention: float
+    caption: str | None = None
+
+
+class PredictResponse(BaseModel):
+    mode: RefineMode
+    encoder_id: str
+    checkpoint: str | None
+    predictions: list[ClassScore]
+    neighbours: list[NeighbourOut] = []
+    self_attention: float | None = None
+
+
+_caches: dict[Path, ClassEmbeddingCache] = {}
+
+
+def _cache(settings: Settings) -> ClassEmbeddingCache:
+    folder = settings.data_dir / "cache" / "zeroshot"
+    return _caches.setdefault(folder, ClassEmbeddingCache(folder))
+
+
+# Loaded fusion models by (checkpoint file, its hash, memory object, k'): a prediction must not reload weights.
+_refiners: OrderedDict[tuple[str, str, int, int], tuple[VectorMemory, Refiner]] = OrderedDict()
+_refiners_lock = threading.Lock()
+MAX_CACHED_REFINERS = 8
+
+
+def _load_refiner(
+    settings: Settings, request: PredictRequest, encoder_id: str, memory: VectorMemory,
+    factory: sessionmaker[Session] | None,
+) -> tuple[Refiner | None, str | None]:
+    if request.mode is RefineMode.CLIP:
+        return None, None
+    factory = factory or session_factory_for(settings)
+    path, record = resolve_checkpoint(settings, encoder_id, request.checkpoint, factory)
+    k = request.k or settings.k_infer
+    stat = path.stat()
+    key = (str(path), record.sha256 if record else f"{stat.st_mtime_ns}:{stat.st_size}", id(memory), k)
+    with _refiners_lock:
+        cached = _refiners.get(key)
+        if cached is not None and cached[0] is memory:
+            _refiners.move_to_end(key)
+            return cached[1], checkpoint_label(path, record)
+    refiner, _ = refiner_from_checkpoint(path, memory, k=k, expected_sha256=record.sha256 if record else None,
+                                         device=resolve_device(settings))
+    with _refiners_lock:
+        _refiners[key] = (memory, refiner)
+        while len(_refiners) > MAX_CACHED_REFINERS:
+            _refiners.popitem(last=False)
+    return refiner, checkpoint_label(path, record)
+
+
+def predict_image(
+    settings: Settings,
+    request: PredictRequest,
+    *,
+    encoder: Encoder | None = None,
+    memory: VectorMemory | None = None,
+    session_factory: sessionmaker[Session] | None = None,
+) -> PredictResponse:
+    encoder = encoder or create_encoder(settings)
+    image = open_image_safely(request.image_bytes, ImageLimits.from_settings(settings))
+    refiner = checkpoint = None
+    if request.mode is not RefineMode.CLIP:
+        memory = memory or memory_for_encoder(settings, encoder.encoder_id)
+        refiner, checkpoint = _load_refiner(settings, request, encoder.encoder_id, memory, session_factory)
+    classifier = ZeroShotClassifier(request.classes, encoder, templates=request.templates, refiner=refiner,
+                                    checkpoint_id=checkpoint or "none", cache=_cache(settings))
+    v = encoder.encode_images([image])[0]
+    refinement: Refinement | None = None
+    if refiner is not None and request.mode in (RefineMode.IMAGE, RefineMode.BOTH):
+        refinement = refiner.refine_image(v)
+        v = refinement.vector
+    logits = classifier.class_embeddings(request.mode) @ v
+    probs = np.exp(100.0 * (logits - logits.max()))
+    probs /= probs.sum()
+    order = np.argsort(-logits)[: request.top]
+    return PredictResponse(
+        mode=request.mode, encoder_id=encoder.encoder_id, checkpoint=checkpoint,
+        predictions=[ClassScore(label=int(i), name=request.classes[i], score=float(probs[i])) for i in order],
+        neighbours=[NeighbourOut(item_id=n.item_id, score=n.score, attention=n.attention, caption=n.caption)
+                    for n in (refinement.neighbours if refinement else [])],
+        self_attention=refinement.self_attention if refinement else None,
+    )

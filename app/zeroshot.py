@@ -1,0 +1,179 @@
+"""Zero-shot classification with class names and prompt templates, CLIP-style, optionally refined.
+
+Class embeddings follow open_clip's ``build_zero_shot_classifier``: every template is filled with the
+class name, encoded, L2-normalised, averaged over templates and normalised again. For the modes that
+refine the text side (``text``, ``both``) each prompt embedding is first refined by text->text
+search in the memory, then averaged: the prompts are the text queries the fusion was trained on.
+
+Class embeddings depend only on (encoder, checkpoint, memory version, class names, templates, k and
+the retrieval switches), so they are computed once and cached under that key, in process and
+optionally on disk; a prediction then costs one image encode and at most one image refinement.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from app.refine import Refiner
+from app.schemas import Modality, RefineMode
+
+# CLIP's single prompt, and the short ensemble open_clip ships for ImageNet (SIMPLE_IMAGENET_TEMPLATES).
+SINGLE_TEMPLATE: tuple[str, ...] = ("a photo of a {c}.",)
+CLIP_SHORT_TEMPLATES: tuple[str, ...] = (
+    "itap of a {c}.",
+    "a bad photo of the {c}.",
+    "a origami {c}.",
+    "a photo of the large {c}.",
+    "a {c} in a video game.",
+    "art of the {c}.",
+    "a photo of the small {c}.",
+)
+TEMPLATE_SETS: dict[str, tuple[str, ...]] = {"single": SINGLE_TEMPLATE, "clip-short": CLIP_SHORT_TEMPLATES}
+DEFAULT_TEMPLATES = "clip-short"
+
+
+class TextEncoder(Protocol):
+    @property
+    def encoder_id(self) -> str: ...
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+def resolve_templates(templates: str | Sequence[str] | Path | None) -> tuple[str, ...]:
+    """A named set, a file (one template per line, ``{c}`` = class name), or the templates themselves."""
+    if templates is None:
+        return TEMPLATE_SETS[DEFAULT_TEMPLATES]
+    if isinstance(templates, str) and templates in TEMPLATE_SETS:
+        return TEMPLATE_SETS[templates]
+    if isinstance(templates, str | Path):
+        if not Path(templates).is_file():
+            raise ValueError(f"unknown template set {templates!r}; known: {sorted(TEMPLATE_SETS)} or a file")
+        lines = [ln.strip() for ln in Path(templates).read_text(encoding="utf-8").splitlines()]
+        out = tuple(ln for ln in lines if ln and not ln.startswith("#"))
+    else:
+        out = tuple(templates)
+    if not out or any("{c}" not in t for t in out):
+        raise ValueError("every template must contain '{c}' where the class name goes")
+    return out
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    return (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+class ClassEmbeddingCache:
+    """Class embeddings by key: a dict in process, ``<key>.npy`` files on disk when a folder is given."""
+
+    def __init__(self, folder: Path | None = None) -> None:
+        self.folder = folder
+        self._mem: dict[str, np.ndarray] = {}
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> np.ndarray | None:
+        with self._lock:
+            if key in self._mem:
+                self.hits += 1
+                return self._mem[key]
+        if self.folder is not None and (self.folder / f"{key}.npy").is_file():
+            value = np.load(self.folder / f"{key}.npy", allow_pickle=False)
+            with self._lock:
+                self._mem[key] = value
+                self.hits += 1
+            return value
+        self.misses += 1
+        return None
+
+    def put(self, key: str, value: np.ndarray) -> None:
+        with self._lock:
+            self._mem[key] = value
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            np.save(self.folder / f"{key}.npy", value)
+
+
+@dataclass
+class Prediction:
+    labels: list[int]  # top classes, best first
+    names: list[str]
+    scores: list[float]  # softmax probabilities at CLIP's logit scale 100
+
+
+class ZeroShotClassifier:
+    """One class set with one template list; class embeddings per mode, cached."""
+
+    def __init__(
+        self,
+        class_names: Sequence[str],
+        text_encoder: TextEncoder,
+        *,
+        templates: str | Sequence[str] | Path | None = None,
+        refiner: Refiner | None = None,
+        checkpoint_id: str = "none",
+        cache: ClassEmbeddingCache | None = None,
+    ) -> None:
+        if not class_names:
+            raise ValueError("no class names")
+        self.class_names = list(class_names)
+        self.text_encoder = text_encoder
+        self.templates = resolve_templates(templates)
+        self.refiner = refiner
+        self.checkpoint_id = checkpoint_id
+        self.cache = cache or ClassEmbeddingCache()
+
+    def cache_key(self, refined: bool) -> str:
+        parts: dict[str, Any] = {"encoder": self.text_encoder.encoder_id, "classes": self.class_names,
+                                 "templates": list(self.templates), "refined": refined}
+        if refined:
+            assert self.refiner is not None
+            parts.update(checkpoint=self.checkpoint_id, memory=self.refiner.memory_version, k=self.refiner.k,
+                         retrieval=self.refiner.retrieval.to_dict())
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+    def class_embeddings(self, mode: RefineMode = RefineMode.CLIP) -> np.ndarray:
+        """(n_classes, d): refined prompts for modes ``text``/``both``, CLIP's classifier otherwise."""
+        refined = RefineMode(mode) in (RefineMode.TEXT, RefineMode.BOTH)
+        if refined and self.refiner is None:
+            raise ValueError(f"mode {mode} refines the class prompts and needs a fusion checkpoint")
+        key = self.cache_key(refined)
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached
+        prompts = [t.replace("{c}", name) for name in self.class_names for t in self.templates]
+        emb = _normalise(self.text_encoder.encode_texts(prompts))
+        if refined:
+            assert self.refiner is not None
+            emb = self.refiner.refine_many(emb, Modality.TEXT)
+        emb = emb.reshape(len(self.class_names), len(self.templates), -1).mean(axis=1)
+        weights = _normalise(emb)
+        self.cache.put(key, weights)
+        return weights
+
+    def image_side(self, image_embeddings: np.ndarray, mode: RefineMode) -> np.ndarray:
+        images = np.atleast_2d(np.asarray(image_embeddings, np.float32))
+        if RefineMode(mode) in (RefineMode.IMAGE, RefineMode.BOTH):
+            if self.refiner is None:
+                raise ValueError(f"mode {mode} refines the image and needs a fusion checkpoint")
+            images = self.refiner.refine_many(images, Modality.IMAGE)
+        return images
+
+    def logits(self, image_embeddings: np.ndarray, mode: RefineMode = RefineMode.CLIP) -> np.ndarray:
+        """(n_images, n_classes) cosine similarities."""
+        return self.image_side(image_embeddings, mode) @ self.class_embeddings(mode).T
+
+    def predict(self, image_embedding: np.ndarray, mode: RefineMode = RefineMode.CLIP, top: int = 5) -> Prediction:
+        logits = self.logits(image_embedding, mode)[0]
+        probs = np.exp(100.0 * (logits - logits.max()))
+        probs /= probs.sum()
+        order = np.argsort(-logits)[:top]
+        return Prediction([int(i) for i in order], [self.class_names[i] for i in order],
+                          [float(probs[i]) for i in order])
