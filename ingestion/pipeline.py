@@ -75,12 +75,15 @@ def ingest_source(
     settings: Settings,
     *,
     limit: int | None = None,
+    split: str | None = None,
     service: IngestService | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Ingest every row of a folder or manifest; returns the job summary (counts + failures)."""
+    """Ingest every row of a folder or manifest (or of one ``split``); returns the job summary."""
     path = Path(source).expanduser()
     rows: Iterator[InputRow] = iter_source(path, settings)
+    if split is not None:  # rows of other splits are not this job's: not seen, not counted
+        rows = (r for r in rows if r.split == split)
     if limit is not None:
         rows = itertools.islice(rows, limit)
     service = service or IngestService(settings)

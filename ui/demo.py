@@ -1,0 +1,118 @@
+"""``reco demo``: the offline first run — ingest the bundled sample, load (or train) a fusion checkpoint,
+show CLIP vs RECO on the sample's held-out images, then start the UI.
+
+Lives in ``ui/`` because it ends in the UI and uses the ingestion layer; it only calls services.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from app.cli._common import fail, load_settings, print_json
+from app.config import Settings
+
+SAMPLE_DIR = Path(__file__).resolve().parents[1] / "sample" / "clothing10"
+COMMITTED_FUSION_DIR = Path(__file__).resolve().parents[1] / "app" / "fusion" / "checkpoints"
+
+
+def committed_checkpoint_for(encoder_id: str, folder: Path = COMMITTED_FUSION_DIR) -> Path | None:
+    """A fusion checkpoint shipped with the repo for this encoder (checkpoints are tied to an encoder)."""
+    from app.fusion.checkpoint import read_checkpoint
+
+    for path in sorted(folder.glob("*.safetensors")):
+        _, meta = read_checkpoint(path)
+        if meta.encoder_id == encoder_id:
+            return path
+    return None
+
+
+def _checkpoint(settings: Settings, encoder_id: str, sample_dataset: str, progress: bool) -> tuple[Path, str]:
+    """Explicit setting → newest registered → committed → trained now on the sample's memory."""
+    from app.db.runs import newest_checkpoint
+    from app.services.method_common import session_factory_for
+    from app.services.train import TrainRequest, run_training
+
+    if settings.fusion_checkpoint:
+        return Path(settings.fusion_checkpoint), "configured"
+    record = newest_checkpoint(session_factory_for(settings), encoder_id)
+    if record is not None and Path(record.path).is_file():
+        return Path(record.path), "registered"
+    committed = committed_checkpoint_for(encoder_id)
+    if committed is not None:
+        return committed, "committed"
+    report = run_training(settings, TrainRequest(dataset=sample_dataset, split="train", epochs=20, batch_size=256,
+                                                 warmup_steps=10, progress=progress))
+    return Path(report.checkpoint), "trained on the sample memory"
+
+
+def run_demo(settings: Settings, *, sample: Path = SAMPLE_DIR, progress: bool = True) -> dict[str, Any]:
+    from app.encoder import create_encoder
+    from app.services.evaluate import EvalRequest, run_evaluation
+    from app.services.ingest import prepare_storage
+    from ingestion.pipeline import ingest_source
+
+    started = time.perf_counter()
+    prepare_storage(settings)
+    encoder = create_encoder(settings)
+    manifest = sample / "manifest.csv"
+    ingest = ingest_source(manifest, settings, split="train", progress=progress)
+    checkpoint, origin = _checkpoint(settings, encoder.encoder_id, sample.name, progress)
+    report = run_evaluation(settings, EvalRequest(dataset=str(manifest), split="val", checkpoint=checkpoint,
+                                                  progress=progress), encoder=encoder)
+    return {
+        "encoder": encoder.describe() if hasattr(encoder, "describe") else {"encoder_id": encoder.encoder_id},
+        "ingest": {k: ingest[k] for k in ("job_id", "seen", "ingested", "duplicates", "failed")},
+        "checkpoint": {"path": str(checkpoint), "origin": origin},
+        "evaluation": report.to_json_dict(),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def _print_table(result: dict[str, Any]) -> None:
+    enc = result["encoder"]
+    if enc.get("random_weights"):
+        typer.secho("RANDOM WEIGHTS: the encoder is untrained; these numbers only show the mechanics.",
+                    fg="yellow", bold=True)
+    ev = result["evaluation"]
+    typer.echo(f"\nencoder {enc['encoder_id']} · fusion {result['checkpoint']['path']} "
+               f"({result['checkpoint']['origin']}) · memory {ev['memory_size']} pairs · k'={ev['k']} · "
+               f"near-duplicates removed {ev['near_duplicates_removed']}")
+    rows = [r for r in ev["results"] if r["metric"] in {"top1", "top5"}]
+    typer.echo(f"\nzero-shot on the sample's held-out images ({rows[0]['dataset'] if rows else '-'})")
+    typer.echo(f"{'mode':<12}{'top-1':>8}{'top-5':>8}")
+    for mode in ("clip", "image", "text", "both"):
+        vals = {r["metric"]: r["value"] for r in rows if r["mode"] == mode}
+        if vals:
+            label = "CLIP" if mode == "clip" else f"RECO {mode}"
+            typer.echo(f"{label:<12}{vals.get('top1', 0) * 100:>7.1f}%{vals.get('top5', 0) * 100:>7.1f}%")
+    typer.echo(f"\ndone in {result['seconds']} s")
+
+
+def demo(
+    no_ui: Annotated[bool, typer.Option("--no-ui", help="Do not start the web UI at the end.")] = False,
+    port: Annotated[int | None, typer.Option(help="UI port (default RECO_UI_PORT).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object.")] = False,
+) -> None:
+    """Offline demo on embedded defaults: ingest the bundled sample, load or train the fusion, CLIP vs RECO."""
+    settings = load_settings()
+    try:
+        result = run_demo(settings, progress=not as_json)
+    except Exception as exc:  # noqa: BLE001 - the demo explains what went wrong instead of a traceback
+        fail(f"demo failed: {type(exc).__name__}: {exc}")
+    if as_json:
+        print_json(result)
+    else:
+        _print_table(result)
+    if not no_ui:
+        from ui.cli import launch_ui  # type: ignore[attr-defined]
+
+        typer.echo("\nstarting the UI (Ctrl-C to stop) …")
+        launch_ui(settings, port or settings.ui_port, block=True)
+
+
+def register(cli: typer.Typer) -> None:
+    cli.command("demo")(demo)
