@@ -13,6 +13,7 @@ from app.cli._common import fail, load_settings, print_json
 def ingest(
     source: Annotated[Path | None, typer.Argument(help="A folder of images or a CSV/JSONL manifest.")] = None,
     limit: Annotated[int | None, typer.Option(help="Ingest at most N rows.")] = None,
+    split: Annotated[str | None, typer.Option(help="Only rows of this split (train/val/test).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object at the end.")] = False,
     report: Annotated[bool, typer.Option("--report", help="Show the failures of a job instead.")] = False,
     job: Annotated[int | None, typer.Option(help="Job id for --report (default: the latest).")] = None,
@@ -44,7 +45,7 @@ def ingest(
     if source is None:
         fail("give a SOURCE (folder or manifest), or --report")
     try:
-        summary = ingest_source(source, settings, limit=limit, progress=not as_json)
+        summary = ingest_source(source, settings, limit=limit, split=split, progress=not as_json)
     except SourceError as exc:
         fail(str(exc))
     _print_summary(summary, as_json)

@@ -113,12 +113,14 @@ def dispatch_source(
 def resend_lost(settings: Settings, sender: TaskSender, *, ledger: IngestLedger | None = None) -> int:
     """Send again the rows whose message was lost; run by the beat schedule.
 
-    Only when the embed queue is drained (a row still waiting in the queue is not lost), unless a row has
-    waited ten times the stale age (a queue that never drains must not starve it).
+    Only when the embed queue is drained: a row whose message still waits in the queue is not lost, and
+    re-sending under a backlog would only grow it. Rows are lost when they are older than
+    ``ingest_stale_after_s`` and no worker claimed them within that time.
     """
     ledger = ledger or IngestLedger.from_url(settings.resolved_database_url)
-    stale = settings.ingest_stale_after_s
-    refs = ledger.lost_tasks(stale) if sender.queue_depth() == 0 else ledger.lost_tasks(stale * 10)
+    if sender.queue_depth() > 0:
+        return 0
+    refs = ledger.lost_tasks(settings.ingest_stale_after_s)
     if refs:
         ledger.mark_resent(refs)
         sender.send(refs)

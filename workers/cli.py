@@ -29,12 +29,12 @@ def worker(
     if pool not in POOLS:
         fail(f"unknown pool {pool!r}; choose from {', '.join(POOLS)}")
     owns_store = {"embed", "maintenance"} & set(chosen)
-    if owns_store and not settings.qdrant_url and concurrency > 1 and pool != "threads":
-        fail("Qdrant local mode is single-process: an embed/maintenance worker needs --concurrency 1 "
-             "(or --pool threads), or a Qdrant server (RECO_QDRANT_URL)")
+    if owns_store and not settings.qdrant_url and concurrency > 1:
+        fail("Qdrant local mode is single-process: an embed/maintenance worker needs --concurrency 1, "
+             "or a Qdrant server (RECO_QDRANT_URL)")
     settings.ensure_dirs()
     argv = ["worker", "-Q", ",".join(chosen), "-c", str(concurrency), "-P", pool, "-l", loglevel,
-            f"--prefetch-multiplier={prefetch_multiplier(settings, chosen)}"]
+            f"--prefetch-multiplier={prefetch_multiplier(settings, chosen)}", "--without-gossip", "--without-mingle"]
     app.worker_main(argv + (["-n", hostname] if hostname else []))
 
 

@@ -1,0 +1,343 @@
+"""Re-embedding the memory with another encoder, into a new versioned collection, then one alias swap.
+
+Progress lives in the metadata DB: an item is done under the new encoder when its ``embeddings`` row
+for that encoder is ``embedded`` (or ``failed``, with a reason), so a killed run resumes where it
+stopped and a re-run is a no-op. Each batch follows the ingest order (DB pending → Qdrant upsert →
+DB embedded). Searches keep using the alias, which points at the old collection until every item is
+done; the swap is one alias operation, and the old collection stays until :func:`drop_old_versions`.
+
+Images are read again from each item's ``source_uri`` and must still hash to the item's
+``image_hash``: a moved or changed file fails that item (reason ``missing`` / ``corrupt``), never
+embeds different pixels under the old id.
+
+A fusion checkpoint is trained for one encoder id. After a swap the live encoder has a checkpoint or
+it does not: :func:`fusion_status` says which, and the refine worker serves plain CLIP until one
+exists (``retraining_required``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from pydantic import BaseModel
+from sqlalchemy import and_, exists, func, select
+
+from app.db.models import Embedding, EmbeddingVersion, FusionCheckpoint, Item
+from app.db.repo import MetadataRepo, NewItem
+from app.encoder import Encoder, create_encoder
+from app.imaging import ImageLimits, ImageRejected, open_image_safely
+from app.memory.base import ItemPayload, MemoryRecord
+from app.memory.qdrant import QdrantMemory, drop_collection, get_qdrant_client, live_collection, swap_alias
+from app.schemas import EmbedStatus, RejectReason
+
+if TYPE_CHECKING:
+    from qdrant_client import QdrantClient
+
+    from app.config import Settings
+
+log = logging.getLogger(__name__)
+
+BUILDING, READY, LIVE, DROPPED = "building", "ready", "live", "dropped"
+
+
+class ReembedProgress(BaseModel):
+    encoder_id: str
+    collection: str
+    status: str
+    total: int
+    done: int
+    failed: int
+    remaining: int
+    swapped: bool = False
+    live_encoder_id: str | None = None
+    previous_encoder_id: str | None = None
+    fusion_checkpoint_id: int | None = None
+    retraining_required: bool = False
+    seconds: float = 0.0
+
+
+def encoder_for(settings: Settings, model: str, pretrained: str, seed: int | None = None) -> Encoder:
+    """An encoder other than the configured one (same device and precision settings)."""
+    update: dict[str, Any] = {"clip_model": model, "clip_pretrained": pretrained}
+    if seed is not None:
+        update["random_init_seed"] = seed
+    return create_encoder(settings.model_copy(update=update))
+
+
+def seed_of(encoder_id: str) -> int | None:
+    """Random-init encoder ids end in ``/random/s<seed>``; the seed rebuilds the same weights."""
+    head, _, tail = encoder_id.rpartition("/s")
+    return int(tail) if head.endswith("/random") and tail.isdigit() else None
+
+
+def live_version(repo: MetadataRepo) -> EmbeddingVersion | None:
+    return next((v for v in repo.versions() if v.is_live), None)
+
+
+class ReembedService:
+    """Constructor arguments: the target encoder; repo and Qdrant client explicit or from the settings."""
+
+    def __init__(
+        self, settings: Settings, encoder: Encoder, *, repo: MetadataRepo | None = None,
+        client: QdrantClient | None = None,
+    ) -> None:
+        self.settings = settings
+        self.encoder = encoder
+        self.repo = repo or MetadataRepo.from_url(settings.resolved_database_url)
+        self.client = client or get_qdrant_client(settings)
+        self.memory = QdrantMemory.for_encoder(settings, encoder.encoder_id, encoder.dim, client=self.client)
+        self.limits = ImageLimits.from_settings(settings)
+        self._register()
+
+    @property
+    def encoder_id(self) -> str:
+        return self.encoder.encoder_id
+
+    def _register(self) -> None:
+        model = getattr(self.encoder, "model_name", "?")
+        self.repo.ensure_version(self.encoder_id, self.memory.collection, model,
+                                 getattr(self.encoder, "pretrained", ""), self.encoder.dim)
+
+    # --- what is left ---------------------------------------------------------------------------
+    def _done_under_target(self) -> Any:
+        return exists().where(Embedding.item_id == Item.id, Embedding.encoder_id == self.encoder_id,
+                              Embedding.status.in_([EmbedStatus.EMBEDDED, EmbedStatus.FAILED]))
+
+    def _embedded_elsewhere(self) -> Any:
+        return exists().where(Embedding.item_id == Item.id, Embedding.encoder_id != self.encoder_id,
+                              Embedding.status == EmbedStatus.EMBEDDED)
+
+    def next_items(self, limit: int) -> list[Item]:
+        """Items embedded under another version and not yet done under the target (id order)."""
+        stmt = (select(Item).where(and_(self._embedded_elsewhere(), ~self._done_under_target()))
+                .order_by(Item.id).limit(limit))
+        with self.repo.session() as s:
+            return list(s.scalars(stmt))
+
+    def progress(self, **extra: Any) -> ReembedProgress:
+        with self.repo.session() as s:
+            counts = dict(s.execute(select(Embedding.status, func.count())
+                                    .where(Embedding.encoder_id == self.encoder_id)
+                                    .group_by(Embedding.status)).all())
+            remaining = s.scalar(select(func.count()).select_from(Item)
+                                 .where(and_(self._embedded_elsewhere(), ~self._done_under_target()))) or 0
+            version = s.get(EmbeddingVersion, self.encoder_id)
+        done, failed = int(counts.get(EmbedStatus.EMBEDDED, 0)), int(counts.get(EmbedStatus.FAILED, 0))
+        live = live_version(self.repo)
+        status = fusion_status(self.repo)
+        return ReembedProgress(
+            encoder_id=self.encoder_id, collection=self.memory.collection,
+            status=version.status if version else BUILDING, total=done + failed + int(remaining), done=done,
+            failed=failed, remaining=int(remaining), live_encoder_id=live.encoder_id if live else None,
+            fusion_checkpoint_id=status["checkpoint_id"] if live and live.encoder_id == self.encoder_id else None,
+            retraining_required=bool(live and live.encoder_id == self.encoder_id and status["retraining_required"]),
+            **extra)
+
+    # --- the work -------------------------------------------------------------------------------
+    def run(self, *, max_seconds: float | None = None, swap: bool = True,
+            on_batch: Callable[[int, int], None] | None = None) -> ReembedProgress:
+        """Batches until nothing is left (then the swap), or until ``max_seconds`` ran out with work left
+        (at least one batch per call; resume with another call).
+
+        ``on_batch(embedded, attempted)`` is called after each batch (a progress bar)."""
+        started = time.monotonic()
+        self.repo.update_version_progress(self.encoder_id, status=self._status_while_running(),
+                                          total=self.progress().total)
+        batches = 0
+        while True:
+            items = self.next_items(self.settings.reembed_batch_size)
+            if not items:
+                break  # everything done: on to the swap, whatever time is left
+            if batches and max_seconds is not None and time.monotonic() - started >= max_seconds:
+                return self.progress(seconds=time.monotonic() - started)  # work left: resume later
+            batches += 1
+            n = self.embed_items(items)
+            if on_batch is not None:
+                on_batch(n, len(items))
+        previous = live_version(self.repo)
+        swapped = False
+        if swap and (previous is None or previous.encoder_id != self.encoder_id):
+            self.swap()
+            swapped = True
+        else:
+            self.repo.update_version_progress(self.encoder_id, status=self._status_while_running(done=True))
+        return self.progress(seconds=time.monotonic() - started, swapped=swapped,
+                             previous_encoder_id=previous.encoder_id if previous and swapped else None)
+
+    def _status_while_running(self, done: bool = False) -> str:
+        live = live_version(self.repo)
+        if live is not None and live.encoder_id == self.encoder_id:
+            return LIVE
+        return READY if done else BUILDING
+
+    def embed_items(self, items: Sequence[Item]) -> int:
+        """One batch: pending → vectors → embedded; unreadable sources fail with a reason."""
+        loaded = self._load_images(items)
+        self.repo.add_pending([_as_new_item(i) for i in items], self.encoder_id)
+        ok = [(item, pixels) for item, pixels in zip(items, loaded, strict=True) if not isinstance(pixels, tuple)]
+        for item, problem in zip(items, loaded, strict=True):
+            if isinstance(problem, tuple):
+                self.repo.set_status([item.id], self.encoder_id, EmbedStatus.FAILED, problem[0], problem[1])
+        if ok:
+            self.memory.upsert(self._records(ok))
+            self.repo.set_status([i.id for i, _ in ok], self.encoder_id, EmbedStatus.EMBEDDED)
+        self.repo.update_version_progress(self.encoder_id, done=self.count_done())
+        return len(ok)
+
+    def count_done(self) -> int:
+        with self.repo.session() as s:
+            return int(s.scalar(select(func.count()).select_from(Embedding).where(
+                Embedding.encoder_id == self.encoder_id, Embedding.status == EmbedStatus.EMBEDDED)) or 0)
+
+    def _records(self, batch: Sequence[tuple[Item, Any]]) -> list[MemoryRecord]:
+        first: dict[str, int] = {}
+        for n, (item, _) in enumerate(batch):
+            first.setdefault(item.image_hash, n)
+        import torch
+
+        images = self.encoder.encode_images(torch.stack([batch[n][1] for n in first.values()]))
+        row_of = {h: r for r, h in enumerate(first)}
+        texts = self.encoder.encode_texts([item.caption for item, _ in batch])
+        return [MemoryRecord(_payload(item), np.asarray(images[row_of[item.image_hash]]), text)
+                for (item, _), text in zip(batch, texts, strict=True)]
+
+    def _load_images(self, items: Sequence[Item]) -> list[Any]:
+        """Preprocessed pixels per item, or (reason, detail); one read per distinct file, in threads."""
+        unique = {item.image_hash: item for item in items}
+        workers = max(1, self.settings.decode_workers)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reco-reembed") as pool:
+            results = dict(zip(unique, pool.map(self._load_one, unique.values()), strict=True))
+        return [results[item.image_hash] for item in items]
+
+    def _load_one(self, item: Item) -> Any:
+        path = Path(item.source_uri)
+        try:
+            if path.stat().st_size > self.limits.max_bytes:
+                return (RejectReason.TOO_LARGE, f"{path.stat().st_size} bytes > cap {self.limits.max_bytes}")
+            data = path.read_bytes()
+        except OSError as exc:
+            return (RejectReason.MISSING, f"source {item.source_uri} unreadable: {exc.strerror or exc}")
+        if hashlib.sha256(data).hexdigest() != item.image_hash:
+            return (RejectReason.CORRUPT, f"source {item.source_uri} changed since it was ingested")
+        try:
+            return self.encoder.preprocess(open_image_safely(data, self.limits))
+        except ImageRejected as exc:
+            return (exc.reason, exc.detail)
+
+    def swap(self) -> None:
+        """Alias → the new collection (one request), then the DB follows; the old version is kept."""
+        previous = live_version(self.repo)
+        swap_alias(self.client, self.settings.memory_alias, self.memory.collection)
+        self.repo.set_live_version(self.encoder_id)
+        if previous is not None and previous.encoder_id != self.encoder_id:
+            self.repo.update_version_progress(previous.encoder_id, status=READY)
+        status = fusion_status(self.repo)
+        log.warning("memory alias %s now → %s (%s); fusion checkpoint: %s", self.settings.memory_alias,
+                    self.memory.collection, self.encoder_id,
+                    status["checkpoint_id"] or "NONE — retraining required (reco train)")
+
+
+def _payload(item: Item) -> ItemPayload:
+    return ItemPayload(item_id=item.id, image_hash=item.image_hash, caption=item.caption, dataset=item.dataset,
+                       split=item.split, source=item.source_uri, label=item.label, extra=dict(item.extra or {}))
+
+
+def _as_new_item(item: Item) -> NewItem:
+    return NewItem(id=item.id, content_hash=item.content_hash, image_hash=item.image_hash, caption=item.caption,
+                   source_uri=item.source_uri, dataset=item.dataset, split=item.split, label=item.label,
+                   size_bytes=item.size_bytes, width=item.width, height=item.height, extra=dict(item.extra or {}))
+
+
+def fusion_status(repo: MetadataRepo) -> dict[str, Any]:
+    """Which encoder is live, and whether a fusion checkpoint was trained for it."""
+    live = live_version(repo)
+    if live is None:
+        return {"live_encoder_id": None, "collection": None, "checkpoint_id": None, "checkpoint_path": None,
+                "retraining_required": False}
+    with repo.session() as s:
+        ckpt = s.scalars(select(FusionCheckpoint).where(FusionCheckpoint.encoder_id == live.encoder_id)
+                         .order_by(FusionCheckpoint.created_at.desc(), FusionCheckpoint.id.desc()).limit(1)).first()
+    return {"live_encoder_id": live.encoder_id, "collection": live.collection,
+            "checkpoint_id": ckpt.id if ckpt else None, "checkpoint_path": ckpt.path if ckpt else None,
+            "retraining_required": ckpt is None}
+
+
+def unfinished_versions(repo: MetadataRepo) -> list[EmbeddingVersion]:
+    """Versions a re-embed was started for and that are not live yet (resumed by the beat schedule)."""
+    return [v for v in repo.versions() if v.status == BUILDING and not v.is_live]
+
+
+def drop_old_versions(settings: Settings, *, repo: MetadataRepo | None = None,
+                      client: QdrantClient | None = None) -> list[str]:
+    """Delete the collections of every version that is neither live nor being built."""
+    repo = repo or MetadataRepo.from_url(settings.resolved_database_url)
+    client = client or get_qdrant_client(settings)
+    live = live_collection(client, settings.memory_alias)
+    dropped = []
+    for version in repo.versions():
+        if version.is_live or version.collection == live or version.status in (BUILDING, DROPPED):
+            continue
+        if client.collection_exists(version.collection):
+            drop_collection(client, version.collection)
+        repo.update_version_progress(version.encoder_id, status=DROPPED)
+        dropped.append(version.collection)
+    return dropped
+
+
+def missing_from_live(repo: MetadataRepo) -> int:
+    """Items embedded under another version but not under the live one (ingested there during a swap)."""
+    live = live_version(repo)
+    if live is None:
+        return 0
+    elsewhere = exists().where(Embedding.item_id == Item.id, Embedding.encoder_id != live.encoder_id,
+                               Embedding.status == EmbedStatus.EMBEDDED)
+    done = exists().where(Embedding.item_id == Item.id, Embedding.encoder_id == live.encoder_id,
+                          Embedding.status.in_([EmbedStatus.EMBEDDED, EmbedStatus.FAILED]))
+    with repo.session() as s:
+        return int(s.scalar(select(func.count()).select_from(Item).where(and_(elsewhere, ~done))) or 0)
+
+
+def reembed_now(
+    settings: Settings, model: str, pretrained: str, *, seed: int | None = None, swap: bool = True,
+    drop_old: bool = False, progress: bool = False,
+) -> dict[str, Any]:
+    """``reco reembed`` in this process: run to the end, swap, publish the memory, optionally drop old ones."""
+    from tqdm import tqdm
+
+    from app.services.snapshots import publish_snapshot
+
+    service = ReembedService(settings, encoder_for(settings, model, pretrained, seed))
+    with tqdm(total=service.progress().remaining, unit="item", desc="re-embed", disable=not progress) as bar:
+        result = service.run(swap=swap, on_batch=lambda _done, tried: bar.update(tried))
+    if result.swapped:
+        publish_snapshot(settings, repo=service.repo, force=True)
+    dropped = drop_old_versions(settings, repo=service.repo, client=service.client) if drop_old else []
+    return result.model_dump() | {"dropped": dropped, "fusion": fusion_status(service.repo)}
+
+
+def schedule_reembed(settings: Settings, model: str, pretrained: str, *, seed: int | None = None) -> dict[str, Any]:
+    """Record the request only (no Qdrant access): the maintenance worker's scheduled check runs it."""
+    encoder = encoder_for(settings, model, pretrained, seed)
+    repo = MetadataRepo.from_url(settings.resolved_database_url)
+    from app.encoder import collection_name_for
+
+    repo.ensure_version(encoder.encoder_id, collection_name_for(encoder.encoder_id), model, pretrained, encoder.dim)
+    live = live_version(repo)
+    if live is None or live.encoder_id != encoder.encoder_id:
+        repo.update_version_progress(encoder.encoder_id, status=BUILDING)
+    return {"scheduled": encoder.encoder_id, "check_every_s": settings.reembed_check_interval_s}
+
+
+def versions_report(settings: Settings, repo: MetadataRepo | None = None) -> dict[str, Any]:
+    """Every embedding version with its progress, and which fusion checkpoint serves the live one."""
+    repo = repo or MetadataRepo.from_url(settings.resolved_database_url)
+    versions = [{"encoder_id": v.encoder_id, "collection": v.collection, "status": v.status, "live": v.is_live,
+                 "total": v.total, "done": v.done} for v in repo.versions()]
+    return {"versions": versions, "fusion": fusion_status(repo), "missing_from_live": missing_from_live(repo)}

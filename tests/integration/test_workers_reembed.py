@@ -1,0 +1,120 @@
+"""Re-embedding for real: the maintenance worker is SIGKILLed halfway, restarted, and finishes; searches
+served by the refine worker meanwhile never fail, and switch to the new encoder when the alias swaps."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from app.config import get_settings
+from app.db.models import Embedding
+from app.db.repo import MetadataRepo
+from app.memory.qdrant import QdrantMemory, close_qdrant_clients, get_qdrant_client, live_collection
+from app.schemas import EmbedStatus
+from app.services.ingest import IngestService
+from app.services.reembed import drop_old_versions, fusion_status
+from app.services.snapshots import publish_snapshot
+from ingestion.pipeline import ingest_source
+from tests.conftest import SHARED_DATA
+from tests.integration.workers_support import (  # noqa: F401 - fixtures
+    ARTIFACTS,
+    Stack,
+    flickr_manifest,
+    stack_fixture,
+    wait_until,
+)
+from workers.celery_app import create_celery_app
+from workers.client import RefineClient
+
+pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
+
+OLD, NEW = "reco-tiny/random/s0", "reco-tiny/random/s1"
+N_ITEMS = 250  # 50 Flickr8k images x 5 captions: 5 re-embedding batches of 50
+
+
+def _embedded(repo: MetadataRepo, encoder_id: str) -> int:
+    with repo.session() as s:
+        return int(s.scalar(select(func.count()).select_from(Embedding).where(
+            Embedding.encoder_id == encoder_id, Embedding.status == EmbedStatus.EMBEDDED)) or 0)
+
+
+class Searcher(threading.Thread):
+    """Searches through the refine worker until stopped; every failure is kept."""
+
+    def __init__(self, client: RefineClient) -> None:
+        super().__init__(daemon=True)
+        self.client = client
+        self.stop = threading.Event()
+        self.answers: list[str] = []
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        n = 0
+        while not self.stop.is_set():
+            try:
+                found = self.client.search({"text": f"a dog runs {n}"}, mode="clip", k=5)
+                assert len(found["clip"]) == 5, found
+                self.answers.append(found["encoder_id"])
+            except Exception as exc:  # noqa: BLE001 - the test counts them
+                self.errors.append(f"{type(exc).__name__}: {exc}")
+            n += 1
+            time.sleep(0.1)
+
+
+def test_reembed_killed_halfway_resumes_and_searches_never_fail(stack: Stack, tmp_path: Path) -> None:
+    settings = get_settings()
+    service = IngestService(settings)  # the memory to re-embed, written in this process
+    ingest_source(flickr_manifest(SHARED_DATA, tmp_path / "flickr", N_ITEMS), settings, service=service,
+                  progress=False)
+    publish_snapshot(settings, repo=service.repo, memory=service.memory)
+    repo = service.repo
+    close_qdrant_clients()  # hand the local store over to the worker
+
+    owner = stack.worker("embed,maintenance", "owner")
+    stack.worker("refine", "refine")
+    app = create_celery_app(settings)
+    searcher = Searcher(RefineClient(app, timeout_s=60))
+    searcher.start()
+    wait_until(lambda: len(searcher.answers) >= 3, 60, "searches answered before the re-embed")
+    app.send_task("reco.maintenance.reembed", args=("reco-tiny", "", 1, True, 2.0))  # 2-second slices
+    wait_until(lambda: _embedded(repo, NEW) >= 100, 120, "two batches re-embedded")
+    owner.kill()
+    at_kill = _embedded(repo, NEW)
+    assert 0 < at_kill < N_ITEMS
+    stack.procs.remove(owner)
+    time.sleep(2)  # searches while no owner process is running at all
+    stack.worker("embed,maintenance", "owner-restarted")  # the unacked slice comes back: resumes
+    wait_until(lambda: any(v.is_live and v.encoder_id == NEW for v in repo.versions()), 180, "alias swapped")
+    wait_until(lambda: NEW in searcher.answers[-3:], 60, "searches answered with the new encoder")
+    searcher.stop.set()
+    searcher.join(timeout=60)
+    stack.stop_all()
+
+    client = get_qdrant_client(settings)
+    versions = {v.encoder_id: v for v in repo.versions()}
+    counts: dict[str, Any] = {
+        "done_at_kill": at_kill, "searches": len(searcher.answers), "search_errors": len(searcher.errors),
+        "answered_by_old": searcher.answers.count(OLD), "answered_by_new": searcher.answers.count(NEW),
+        "alias": live_collection(client, settings.memory_alias),
+        "new_points": QdrantMemory(client, versions[NEW].collection).count(),
+        "old_points_kept": QdrantMemory(client, versions[OLD].collection).count(),
+        "status": {k: v.status for k, v in versions.items()}, "new_embedded_rows": _embedded(repo, NEW),
+        "fusion": fusion_status(repo),
+    }
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "reembed_kill.json").write_text(json.dumps(counts, indent=2, default=str) + "\n")
+    print("reembed", json.dumps(counts, default=str))
+    assert searcher.errors == [], searcher.errors[:5]
+    assert counts["answered_by_old"] > 0 and counts["answered_by_new"] > 0
+    assert counts["alias"] == versions[NEW].collection
+    assert counts["new_points"] == counts["new_embedded_rows"] == counts["old_points_kept"] == N_ITEMS
+    assert counts["status"] == {OLD: "ready", NEW: "live"}
+    assert counts["fusion"]["retraining_required"] and counts["fusion"]["live_encoder_id"] == NEW
+    assert drop_old_versions(settings, repo=repo, client=client) == [versions[OLD].collection]
+    assert not client.collection_exists(versions[OLD].collection)

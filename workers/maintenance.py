@@ -1,0 +1,74 @@
+"""Maintenance work of the memory's owner process, over app services (kept out of the task bodies)."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from app.services.reembed import (
+    ReembedService,
+    encoder_for,
+    live_version,
+    missing_from_live,
+    seed_of,
+    unfinished_versions,
+)
+
+if TYPE_CHECKING:
+    from app.encoder import Encoder
+    from workers.runtime import WorkerRuntime
+
+log = logging.getLogger(__name__)
+
+_encoders: dict[tuple[str, str, int | None], Encoder] = {}
+
+
+def _encoder(runtime: WorkerRuntime, model: str, pretrained: str, seed: int | None) -> Encoder:
+    key = (model, pretrained, seed)
+    if key not in _encoders:
+        _encoders.clear()  # one target at a time: do not keep a large model around
+        _encoders[key] = encoder_for(runtime.settings, model, pretrained, seed)
+    return _encoders[key]
+
+
+def reembed_slice(runtime: WorkerRuntime, model: str, pretrained: str, seed: int | None, *, swap: bool,
+                  slice_s: float) -> dict[str, Any]:
+    """Up to ``slice_s`` seconds of re-embedding; after a swap, publish the new memory for the refine worker."""
+    from app.services.snapshots import publish_snapshot
+
+    ingest = runtime.ingest_service()  # owns the Qdrant client of this process
+    service = ReembedService(runtime.settings, _encoder(runtime, model, pretrained, seed), repo=ingest.repo,
+                             client=ingest.memory.client)
+    progress = service.run(max_seconds=slice_s, swap=swap)
+    if progress.swapped:
+        publish_snapshot(runtime.settings, repo=ingest.repo, memory=ingest.memory, force=True)
+        runtime.ingest_service()  # load the new live encoder for the next embed batch
+    finished = progress.remaining == 0 and (not swap or progress.live_encoder_id == progress.encoder_id)
+    return progress.model_dump() | {"finished": finished}
+
+
+def pending_reembeds(runtime: WorkerRuntime) -> list[tuple[str, str, int | None]]:
+    """(model, pretrained, seed) of every unfinished re-embedding, plus the live one if it misses items."""
+    repo = runtime.ingest_service().repo
+    targets = [(v.model, v.pretrained, seed_of(v.encoder_id)) for v in unfinished_versions(repo)]
+    live = live_version(repo)
+    if live is not None and missing_from_live(repo) > 0:
+        targets.append((live.model, live.pretrained, seed_of(live.encoder_id)))
+    return targets
+
+
+def repair_pending(runtime: WorkerRuntime) -> dict[str, Any]:
+    """Reconcile DB and Qdrant, then submit items still pending after the stale age again (a repair job)."""
+    from app.services.ingest_async import stale_pending_rows
+    from app.services.ingest_ledger import IngestLedger
+
+    ingest = runtime.ingest_service()
+    report = ingest.reconcile().model_dump()
+    rows = stale_pending_rows(ingest.repo, ingest.encoder_id, runtime.settings.ingest_stale_after_s)
+    if rows:
+        ledger = IngestLedger(ingest.repo)
+        cursor = ledger.open_job(f"repair:{ingest.encoder_id}", "repair", ingest.encoder_id, resume=False)
+        runtime.sender.send(ledger.submit(cursor.job_id, 0, rows))
+        ledger.save_cursor(cursor.job_id, {"next_seq": len(rows), "dispatched": True})
+        log.warning("re-submitted %d items left pending (job %d)", len(rows), cursor.job_id)
+    return report | {"resubmitted": len(rows)}
