@@ -40,6 +40,7 @@ class _Loaded:
     memory: SnapshotMemory
     encoder: Any
     checkpoint_id: int | None = None
+    checkpoint_label: str | None = None
     refiner: Any = None
     refiner_error: str | None = None
 
@@ -89,7 +90,7 @@ class RefineRuntime:
         if loaded.refiner_error is not None and wanted is None and not self.settings.fusion_checkpoint:
             return
         from app.refine import refiner_from_checkpoint
-        from app.services.method_common import MethodError, resolve_checkpoint, resolve_device
+        from app.services.method_common import MethodError, checkpoint_label, resolve_checkpoint, resolve_device
 
         try:
             path, rec = resolve_checkpoint(self.settings, loaded.info.encoder_id, None, self.factory)
@@ -97,6 +98,7 @@ class RefineRuntime:
                 path, loaded.memory.index, k=self.settings.k_infer, expected_sha256=rec.sha256 if rec else None,
                 device=resolve_device(self.settings))
             loaded.checkpoint_id, loaded.refiner_error = (rec.id if rec else None), None
+            loaded.checkpoint_label = checkpoint_label(path, rec)
             log.info("refine worker: fusion checkpoint %s for %s", path, loaded.info.encoder_id)
         except MethodError as exc:  # no checkpoint for this encoder (e.g. right after a re-embedding)
             loaded.refiner, loaded.checkpoint_id, loaded.refiner_error = None, None, str(exc)
@@ -119,8 +121,9 @@ class RefineRuntime:
 
         def run(m: RefineMode) -> dict[str, Any]:
             request = PredictRequest(image_bytes=image, classes=classes, mode=m, k=k)
+            refiner = (loaded.refiner, loaded.checkpoint_label or "") if loaded.refiner is not None else None
             return predict_image(self.settings, request, encoder=loaded.encoder, memory=loaded.memory.index,
-                                 session_factory=self.factory).model_dump(mode="json")
+                                 session_factory=self.factory, refiner=refiner).model_dump(mode="json")
 
         out = self._describe(loaded) | {"clip": run(RefineMode.CLIP), "reco": None}
         if reco_mode is not RefineMode.CLIP and loaded.refiner is not None:

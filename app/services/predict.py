@@ -111,19 +111,27 @@ def predict_image(
     encoder: Encoder | None = None,
     memory: VectorMemory | None = None,
     session_factory: sessionmaker[Session] | None = None,
+    refiner: tuple[Refiner, str] | None = None,
 ) -> PredictResponse:
+    """``refiner``: an already loaded (Refiner, checkpoint label) — long-lived callers (the refine worker)
+    load it once instead of resolving and hashing the checkpoint per call."""
     encoder = encoder or create_encoder(settings)
     image = open_image_safely(request.image_bytes, ImageLimits.from_settings(settings))
-    refiner = checkpoint = None
+    loaded: Refiner | None = None
+    checkpoint: str | None = None
     if request.mode is not RefineMode.CLIP:
-        memory = memory or memory_for_encoder(settings, encoder.encoder_id)
-        refiner, checkpoint = _load_refiner(settings, request, encoder.encoder_id, memory, session_factory)
-    classifier = ZeroShotClassifier(request.classes, encoder, templates=request.templates, refiner=refiner,
+        if refiner is not None:
+            loaded, checkpoint = refiner
+        else:
+            memory = memory or memory_for_encoder(settings, encoder.encoder_id)
+            loaded, checkpoint = _load_refiner(settings, request, encoder.encoder_id, memory, session_factory)
+    refiner_obj = loaded
+    classifier = ZeroShotClassifier(request.classes, encoder, templates=request.templates, refiner=refiner_obj,
                                     checkpoint_id=checkpoint or "none", cache=_cache(settings))
     v = encoder.encode_images([image])[0]
     refinement: Refinement | None = None
-    if refiner is not None and request.mode in (RefineMode.IMAGE, RefineMode.BOTH):
-        refinement = refiner.refine_image(v)
+    if refiner_obj is not None and request.mode in (RefineMode.IMAGE, RefineMode.BOTH):
+        refinement = refiner_obj.refine_image(v)
         v = refinement.vector
     logits = classifier.class_embeddings(request.mode) @ v
     probs = np.exp(100.0 * (logits - logits.max()))
