@@ -33,6 +33,13 @@ class Settings(BaseSettings):
     qdrant_path: Path | None = Field(default=None, description="Qdrant local-mode folder (or ':memory:').")
     qdrant_api_key: SecretStr | None = None
     memory_alias: str = Field(default="memory", description="Alias that points at the live collection.")
+    # Layout of new collections on a Qdrant server / cluster (docs/scaling.md); local mode ignores them.
+    qdrant_shard_number: int | None = Field(
+        default=None, ge=1, description="Shards per new collection; None = Qdrant's default (one per node).")
+    qdrant_replication_factor: int | None = Field(default=None, ge=1, description="Copies of every shard.")
+    qdrant_quantization: Literal["none", "int8"] = Field(
+        default="none", description="int8: scalar-quantized vectors in RAM, originals kept for rescoring.")
+    qdrant_on_disk: bool = Field(default=False, description="Original vectors and payloads memory-mapped on disk.")
 
     shared_data: Path = Field(
         default_factory=lambda: Path(__file__).resolve().parents[2] / "shared" / "data",
@@ -115,6 +122,9 @@ class Settings(BaseSettings):
     ui_port: int = 8501
     upload_max_files: int = 200
     upload_max_total_bytes: int = 200 * 1024 * 1024
+    ui_use_workers: bool = Field(
+        default=False, description="The UI sends predictions and searches to the refine worker and ingestion to "
+        "the embed workers (Celery, RECO_BROKER_URL) instead of running them in its own process.")
 
     @field_validator("database_url", "qdrant_url", mode="before")
     @classmethod

@@ -108,7 +108,7 @@ def demo(
     else:
         _print_table(result)
     if not no_ui:
-        from ui.cli import launch_ui  # type: ignore[attr-defined]
+        from ui.cli import launch_ui
 
         typer.echo("\nstarting the UI (Ctrl-C to stop) …")
         launch_ui(settings, port or settings.ui_port, block=True)

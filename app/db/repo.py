@@ -170,6 +170,20 @@ class MetadataRepo:
             rows = s.scalars(stmt.order_by(Item.created_at, Item.id).offset(offset).limit(limit))
             return list(rows), int(total)
 
+    def item_embeddings(self, item_id: str) -> list[Embedding]:
+        """One item's status under every embedding version (the UI's item page)."""
+        with self.session() as s:
+            return list(s.scalars(select(Embedding).where(Embedding.item_id == item_id)
+                                  .order_by(Embedding.updated_at, Embedding.encoder_id)))
+
+    def distinct_values(self, field: str, limit: int = 500) -> list[Any]:
+        """Distinct non-null values of a filterable item column (``dataset``, ``split``, ``label``)."""
+        if field not in {"dataset", "split", "label"}:
+            raise ValueError(f"no distinct values for {field!r}")
+        column = getattr(Item, field)
+        with self.session() as s:
+            return list(s.scalars(select(column).where(column.is_not(None)).distinct().order_by(column).limit(limit)))
+
     def count_items(self) -> int:
         with self.session() as s:
             return int(s.scalar(select(func.count()).select_from(Item)) or 0)

@@ -1,0 +1,108 @@
+"""A small prepared memory for the UI tests: 40 Clothing-10 pairs (the bundled CC0 sample, 4 per class)
+embedded by the tiny random encoder, and a fusion checkpoint trained on them for 2 epochs. Built once
+per session; every test gets its own copy of the data dir and fresh Streamlit caches."""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import streamlit as st
+from PIL import Image
+
+from app.config import Settings
+from app.memory.qdrant import close_qdrant_clients
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLE = ROOT / "sample" / "clothing10"
+UI_APP = ROOT / "ui" / "app.py"
+PER_CLASS = 4
+
+
+def subset_manifest(folder: Path, per_class: int = PER_CLASS, split: str = "train") -> Path:
+    """The first ``per_class`` rows of each class of one split, with absolute image paths."""
+    taken: dict[str, int] = {}
+    rows = []
+    with (SAMPLE / "manifest.csv").open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            if row["split"] == split and taken.get(row["label"], 0) < per_class:
+                taken[row["label"]] = taken.get(row["label"], 0) + 1
+                rows.append({**row, "image": str(SAMPLE / row["image"])})
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = folder / "clothing10" / "manifest.csv"
+    manifest.parent.mkdir(exist_ok=True)
+    with manifest.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["image", "caption", "label", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return manifest
+
+
+def memory_settings(data_dir: Path) -> Settings:
+    return Settings(data_dir=data_dir, clip_model="reco-tiny", clip_pretrained="", decode_workers=0,
+                    ingest_batch_size=32, allowed_roots=[SAMPLE], k_infer=4)
+
+
+@pytest.fixture(scope="session")
+def prepared_memory(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from app.services.ingest import prepare_storage
+    from app.services.train import TrainRequest, run_training
+    from ingestion.pipeline import ingest_source
+
+    root = tmp_path_factory.mktemp("ui-memory")
+    settings = memory_settings(root / "data")
+    prepare_storage(settings)
+    summary = ingest_source(subset_manifest(root / "manifests"), settings, progress=False)
+    assert summary["ingested"] == 10 * PER_CLASS, summary
+    run_training(settings, TrainRequest(dataset="clothing10", split="train", epochs=2, batch_size=16, k=4,
+                                        warmup_steps=1, progress=False))
+    close_qdrant_clients()  # local mode is single-process: the UI (maybe a subprocess) opens it next
+    return root / "data"
+
+
+def ui_env(monkeypatch: pytest.MonkeyPatch, data_dir: Path) -> None:
+    for key, value in {"RECO_DATA_DIR": str(data_dir), "RECO_CLIP_MODEL": "reco-tiny", "RECO_CLIP_PRETRAINED": "",
+                       "RECO_DECODE_WORKERS": "0", "RECO_ALLOWED_ROOTS": f'["{SAMPLE}"]', "RECO_K_INFER": "4"}.items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.fixture
+def ui_data(prepared_memory: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """This test's copy of the prepared memory, the environment pointing at it, empty Streamlit caches."""
+    data_dir = tmp_path / "data"
+    shutil.copytree(prepared_memory, data_dir)
+    ui_env(monkeypatch, data_dir)
+    st.cache_resource.clear()
+    st.cache_data.clear()
+    yield data_dir
+    st.cache_resource.clear()
+    close_qdrant_clients()
+
+
+@pytest.fixture
+def empty_ui_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A fresh, empty data dir (nothing ingested, no checkpoint)."""
+    data_dir = tmp_path / "empty-data"
+    ui_env(monkeypatch, data_dir)
+    st.cache_resource.clear()
+    st.cache_data.clear()
+    yield data_dir
+    st.cache_resource.clear()
+    close_qdrant_clients()
+
+
+def sample_image(split: str = "val") -> Path:
+    """A held-out sample image (not in the prepared memory)."""
+    with (SAMPLE / "manifest.csv").open(newline="") as handle:
+        row = next(r for r in csv.DictReader(handle) if r["split"] == split)
+    return SAMPLE / row["image"]
+
+
+def png_bytes(size: tuple[int, int] = (32, 32), color: tuple[int, int, int] = (200, 40, 40)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, color).save(out, format="PNG")
+    return out.getvalue()

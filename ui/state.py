@@ -1,0 +1,201 @@
+"""What the pages share across reruns, built once per process with ``st.cache_resource``: the encoder
+(weights loaded once), the metadata DB, the memory handles, the fusion refiner, the search service, the
+Celery app and the ingestion runner. Every cache is keyed by the settings it was built from, so a
+changed setting builds a new object instead of reusing a stale one. Settings themselves are read on
+every run (cheap) so that ``RECO_*`` is the single source of truth.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import streamlit as st
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.config import Settings, get_settings
+from app.db.repo import MetadataRepo
+from app.db.session import make_session_factory, upgrade_database
+from app.encoder import Encoder, collection_name_for, create_encoder
+from app.memory.qdrant import QdrantMemory, get_qdrant_client
+from app.refine import Refiner, refiner_from_checkpoint
+from app.services.method_common import MethodError, resolve_checkpoint, resolve_device
+from app.services.search import SearchService
+from ui.backend import Backend, InProcessBackend, WorkerBackend
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+ITEM_KEY = "memory_item"  # session key: the item the Memory page shows
+SAMPLE_ROOT = Path(__file__).resolve().parents[1] / "sample"
+
+
+def load_settings() -> Settings:
+    return get_settings()
+
+
+def fingerprint(settings: Settings) -> str:
+    return hashlib.sha256(settings.model_dump_json().encode()).hexdigest()[:16]
+
+
+def _location(settings: Settings) -> str:
+    return settings.qdrant_url or settings.resolved_qdrant_path or ""
+
+
+# --- encoder and metadata -----------------------------------------------------------------------------
+@st.cache_resource(show_spinner="Loading the encoder …", max_entries=4)
+def _encoder(key: str, _settings: Settings) -> Encoder:
+    encoder = create_encoder(_settings)
+    encoder.encode_texts(["warm-up"])  # weights now, under the spinner, not in the first prediction
+    return encoder
+
+
+def encoder(settings: Settings) -> Encoder:
+    key = "|".join(str(v) for v in (settings.clip_model, settings.clip_pretrained, settings.random_init_seed,
+                                    settings.device, settings.precision, settings.encode_batch_size))
+    return _encoder(key, settings)
+
+
+@st.cache_resource(show_spinner="Opening the metadata database …", max_entries=4)
+def session_factory(url: str) -> sessionmaker[Session]:
+    upgrade_database(url)  # idempotent: a fresh data dir works without `reco db upgrade`
+    return make_session_factory(url)
+
+
+def repo(settings: Settings) -> MetadataRepo:
+    return MetadataRepo(session_factory(settings.resolved_database_url))
+
+
+@st.cache_data(ttl=30, show_spinner=False)
+def distinct_values(url: str, column: str) -> list[Any]:
+    return MetadataRepo(session_factory(url)).distinct_values(column)
+
+
+# --- memory, refiner, search ----------------------------------------------------------------------------
+@st.cache_resource(show_spinner=False, max_entries=16)
+def _memory(location: str, collection: str, _settings: Settings) -> QdrantMemory:
+    return QdrantMemory(get_qdrant_client(_settings), collection)
+
+
+def live_memory(settings: Settings) -> QdrantMemory:
+    """The alias searches use (raises MemoryStoreError when the local store is held by another process)."""
+    return _memory(_location(settings), settings.memory_alias, settings)
+
+
+def encoder_memory(settings: Settings, encoder_id: str) -> QdrantMemory:
+    """The collection of ``encoder_id``; MethodError while it is empty (RECO needs a memory)."""
+    memory = _memory(_location(settings), collection_name_for(encoder_id), settings)
+    if not memory.exists() or memory.count() == 0:
+        raise MethodError(f"the memory holds no embeddings for encoder {encoder_id}: ingest something first")
+    return memory
+
+
+@st.cache_resource(show_spinner="Loading the fusion checkpoint …", max_entries=8)
+def _refiner(path: str, stamp: str, collection: str, k: int, location: str, _settings: Settings,
+             _memory: QdrantMemory, _sha256: str | None) -> Refiner:
+    refiner, _ = refiner_from_checkpoint(Path(path), _memory, k=k, expected_sha256=_sha256,
+                                         device=resolve_device(_settings))
+    return refiner
+
+
+def refiner(settings: Settings, encoder_id: str) -> Refiner:
+    """The newest fusion checkpoint of ``encoder_id`` over its memory; MethodError when there is none."""
+    memory = encoder_memory(settings, encoder_id)
+    path, record = resolve_checkpoint(settings, encoder_id, None, session_factory(settings.resolved_database_url))
+    stamp = record.sha256 if record else f"{path.stat().st_mtime_ns}:{path.stat().st_size}"
+    return _refiner(str(path), stamp, memory.collection, settings.k_infer, _location(settings), settings, memory,
+                    record.sha256 if record else None)
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _search_service(key: str, _settings: Settings, _encoder: Encoder) -> SearchService:
+    return SearchService(_settings, encoder=_encoder, memory=live_memory(_settings))
+
+
+def search_service(settings: Settings) -> SearchService:
+    enc = encoder(settings)
+    return _search_service(f"{fingerprint(settings)}|{enc.encoder_id}", settings, enc)
+
+
+# --- backends ----------------------------------------------------------------------------------------
+@st.cache_resource(show_spinner=False, max_entries=2)
+def _celery_app(broker: str, result_backend: str | None, _settings: Settings) -> Celery:
+    from workers.celery_app import create_celery_app
+
+    return create_celery_app(_settings)
+
+
+def celery_app(settings: Settings) -> Celery:
+    return _celery_app(settings.broker_url, settings.result_backend, settings)
+
+
+def backend(settings: Settings) -> Backend:
+    """The refine worker when ``RECO_UI_USE_WORKERS`` is set, else the services in this process."""
+    if settings.ui_use_workers:
+        from workers.client import RefineClient
+
+        return WorkerBackend(RefineClient(celery_app(settings), settings.refine_timeout_s), repo(settings))
+    enc = encoder(settings)
+    return InProcessBackend(settings, enc, repo(settings),
+                            memory=lambda: encoder_memory(settings, enc.encoder_id),
+                            refiner=lambda: refiner(settings, enc.encoder_id),
+                            search_service=lambda: search_service(settings))
+
+
+# --- class sets for zero-shot ---------------------------------------------------------------------------
+@st.cache_data(ttl=300, show_spinner=False)
+def class_sets(roots: tuple[str, ...]) -> dict[str, str]:
+    """Dataset name → its ``classes.txt``, from the shared data, the data dir's datasets and the sample."""
+    found: dict[str, str] = {}
+    for root in roots:
+        folder = Path(root)
+        if folder.is_dir():
+            for path in sorted(folder.glob("*/classes.txt")):
+                found.setdefault(path.parent.name, str(path))
+    return found
+
+
+def class_set_roots(settings: Settings) -> tuple[str, ...]:
+    return (str(settings.shared_data), str(settings.data_dir / "datasets"), str(SAMPLE_ROOT))
+
+
+# --- background ingestion ---------------------------------------------------------------------------------
+@dataclass
+class IngestRun:
+    label: str
+    source: Path
+    after_job: int  # the newest job id before this run started: its job is the first one above
+    future: Future[dict[str, Any]]
+    total: int | None = None
+    started: float = field(default_factory=time.time)
+
+
+class IngestRunner:
+    """One ingestion at a time in a background thread: navigating away does not stop it."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reco-ui-ingest")
+        self._lock = threading.Lock()
+        self.runs: list[IngestRun] = []
+
+    def submit(self, label: str, source: Path, after_job: int, work: Callable[[], dict[str, Any]],
+               total: int | None = None) -> IngestRun:
+        run = IngestRun(label, source, after_job, self._pool.submit(work), total)
+        with self._lock:
+            self.runs = [*self.runs[-19:], run]
+        return run
+
+    def active(self) -> list[IngestRun]:
+        with self._lock:
+            return [r for r in self.runs if not r.future.done()]
+
+
+@st.cache_resource(show_spinner=False)
+def ingest_runner() -> IngestRunner:
+    return IngestRunner()
