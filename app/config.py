@@ -84,7 +84,7 @@ class Settings(BaseSettings):
     search_modality: Literal["uni", "cross"] = "uni"
     fusion_modality: Literal["cross", "uni"] = "cross"
     dedupe_neighbours_by_image: bool = True
-    exact_index_dtype: Literal["float32", "float16"] = "float32"
+    exact_index_dtype: Literal["float32", "float16", "int8"] = "float32"
     exact_index_chunk: int = Field(default=262_144, ge=1024, description="Memory rows per matmul chunk.")
     near_duplicate_threshold: float | None = Field(
         default=None, description="Image cosine above which a memory item is a near-duplicate of an "

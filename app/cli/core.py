@@ -26,7 +26,9 @@ def search(
     text: Annotated[str | None, typer.Option("--text", help="Text query.")] = None,
     image: Annotated[Path | None, typer.Option("--image", help="Image file query.")] = None,
     k: Annotated[int, typer.Option("--k", min=1, help="Number of results.")] = 5,
-    filters: Annotated[list[str] | None, typer.Option("--filter", help="key=value on dataset/split/source/label")] = None,
+    filters: Annotated[
+        list[str] | None, typer.Option("--filter", help="key=value on dataset/split/source/label")
+    ] = None,
     target: Annotated[str | None, typer.Option(help="Rank stored 'image' or 'text' vectors.")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:

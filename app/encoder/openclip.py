@@ -234,6 +234,45 @@ class OpenClipEncoder:
         self._ensure_loaded()
         return self._preprocess(image)
 
+    def preprocess_uint8(self, image: Image.Image) -> np.ndarray | None:
+        """First stage of :meth:`preprocess`: the transform's PIL steps (resize, crop, RGB) as (H, W, 3) uint8.
+
+        No torch op runs here, so decode threads never start an OpenMP team beside the encoder's (on 2 busy
+        cores the full transform took 17 ms per image that way instead of 2.3 ms single-threaded). Finish a
+        batch with :meth:`pixels_from_uint8`; together they equal :meth:`preprocess` bit for bit. None when
+        the transform does not end in ToTensor + Normalize (then use :meth:`preprocess`).
+        """
+        stages = self._split_stages()
+        if stages is None:
+            return None
+        out = stages[0](image)
+        return np.asarray(out if out.mode == "RGB" else out.convert("RGB"))
+
+    def pixels_from_uint8(self, batch: np.ndarray) -> torch.Tensor:
+        """Second stage for a (B, H, W, 3) uint8 batch: ToTensor + Normalize, on the encoder's device."""
+        stages = self._split_stages()
+        if stages is None:
+            raise EncoderLoadError(f"{self.model_name}: preprocessing cannot be split")
+        mean, std = stages[1].to(self.device), stages[2].to(self.device)
+        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
+        x = x.permute(0, 3, 1, 2).contiguous().float().div_(255)  # ToTensor's order of operations
+        return x.sub_(mean[:, None, None]).div_(std[:, None, None])
+
+    def _split_stages(self) -> tuple[Any, torch.Tensor, torch.Tensor] | None:
+        self._ensure_loaded()
+        if not hasattr(self, "_stages"):
+            from torchvision import transforms
+
+            steps = list(getattr(self._preprocess, "transforms", []))
+            to_tensor = next((i for i, t in enumerate(steps) if isinstance(t, transforms.ToTensor)), None)
+            split = None
+            if to_tensor is not None and len(steps) == to_tensor + 2 and isinstance(steps[-1], transforms.Normalize):
+                norm = steps[-1]
+                split = (transforms.Compose(steps[:to_tensor]), torch.as_tensor(norm.mean, dtype=torch.float32),
+                         torch.as_tensor(norm.std, dtype=torch.float32))
+            self._stages: tuple[Any, torch.Tensor, torch.Tensor] | None = split
+        return self._stages
+
     @property
     def image_size(self) -> int:
         import open_clip

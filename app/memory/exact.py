@@ -19,10 +19,18 @@ import numpy as np
 import torch
 
 from app.memory.base import Filters, ItemPayload, MemoryMatrices, SearchHit
+from app.memory.payload_file import LazyPayloads, write_payloads
+from app.memory.quantized import Int8Matrix, half_rescored_top, rescore_width
 from app.schemas import Modality
 
-StorageDtype = Literal["float32", "float16"]
+StorageDtype = Literal["float32", "float16", "int8"]
+Matrix = np.ndarray | Int8Matrix  # int8 rows read back as float32 (app/memory/quantized.py)
 SCORE_BUDGET = 1 << 25  # query x row scores held at once (128 MiB in float32)
+# Up to this many queries, float16 rows are multiplied as they are on CPU: one query is bound by memory
+# bandwidth, and converting a whole chunk to float32 first costs ~10x the product (measured, docs/performance.md).
+# The best candidates are then rescored in float32, so the scores equal those of the converting path.
+HALF_DIRECT_MAX_QUERIES = 16
+HALF_CONVERT_ROWS = 65_536  # more queries: float16 rows converted this many at a time (128 MiB, not 512)
 FORMAT_VERSION = 1
 
 
@@ -51,8 +59,8 @@ class ExactIndex:
     def __init__(
         self,
         ids: Sequence[str],
-        image: np.ndarray,
-        text: np.ndarray,
+        image: np.ndarray | Int8Matrix,
+        text: np.ndarray | Int8Matrix,
         image_hashes: Sequence[str],
         *,
         payloads: Sequence[ItemPayload] | None = None,
@@ -68,7 +76,8 @@ class ExactIndex:
             raise ValueError("payloads must be row-aligned with ids")
         self.ids = list(ids)
         self.image_hashes = list(image_hashes)
-        self.payloads = list(payloads or [])
+        self.payloads: Sequence[ItemPayload] = (
+            payloads if isinstance(payloads, LazyPayloads) else list(payloads or []))
         self.dtype: StorageDtype = dtype
         self._image = self._storage(image, normalise)
         self._text = self._storage(text, normalise)
@@ -80,7 +89,13 @@ class ExactIndex:
         self._rows_of_code: list[np.ndarray] | None = None
         self._code_of_hash: dict[str, int] | None = None
 
-    def _storage(self, matrix: np.ndarray, normalise: bool) -> np.ndarray:
+    def _storage(self, matrix: np.ndarray | Int8Matrix, normalise: bool) -> Matrix:
+        if self.dtype == "int8":  # a memory-mapped float matrix stays on disk as the rescoring originals
+            if isinstance(matrix, Int8Matrix):
+                return matrix
+            source = _normalised(np.asarray(matrix, np.float32)) if normalise else matrix
+            return Int8Matrix.quantize(source, keep_originals=isinstance(source, np.memmap))
+        assert isinstance(matrix, np.ndarray)
         if normalise:
             matrix = _normalised(np.asarray(matrix, np.float32))
         elif not isinstance(matrix, np.ndarray):
@@ -104,7 +119,7 @@ class ExactIndex:
     def dim(self) -> int:
         return int(self._image.shape[1])
 
-    def matrix(self, modality: Modality) -> np.ndarray:
+    def matrix(self, modality: Modality) -> Matrix:
         return self._image if Modality(modality) is Modality.IMAGE else self._text
 
     @property
@@ -175,13 +190,19 @@ class ExactIndex:
         order = np.argsort(all_rows, kind="stable")
         return all_q[order], all_rows[order]
 
-    def _chunk_tensor(self, modality: Modality, start: int, stop: int) -> torch.Tensor:
-        block = self.matrix(modality)[start:stop]
+    def _chunk_tensor(
+        self, modality: Modality, start: int, stop: int, keep_half: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        stored = self.matrix(modality)
+        if isinstance(stored, Int8Matrix):  # codes as bfloat16 (exact for |code| <= 127) or float16 on a GPU
+            code_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+            return stored.block(start, stop, code_dtype, self.device)
+        block = stored[start:stop]
         if not block.flags.writeable:  # memory-mapped read-only: torch wants its own copy
             block = np.array(block)
         tensor = torch.from_numpy(block).to(self.device)
-        if tensor.dtype == torch.float16 and self.device.type == "cpu":
-            tensor = tensor.float()  # half matmul is slow or missing on CPU; the chunk is converted only
+        if tensor.dtype == torch.float16 and self.device.type == "cpu" and not keep_half:
+            tensor = tensor.float()  # half matmul of many queries is slow on CPU; the chunk is converted only
         return tensor
 
     def knn(
@@ -203,25 +224,35 @@ class ExactIndex:
         """
         q = torch.from_numpy(_normalised(np.atleast_2d(np.asarray(queries, np.float32)))).to(self.device)
         n, total = len(q), len(self)
-        best_scores = torch.full((n, k), -torch.inf, device=self.device)
-        best_rows = torch.full((n, k), -1, dtype=torch.int64, device=self.device)
+        int8 = isinstance(self._image, Int8Matrix)  # keeps 4k+16 candidates, rescored after the scan
+        width = max(k, rescore_width(k, total)) if int8 else k
+        best_scores = torch.full((n, width), -torch.inf, device=self.device)
+        best_rows = torch.full((n, width), -1, dtype=torch.int64, device=self.device)
         if total == 0 or k == 0 or n == 0:
             return best_scores.cpu().numpy(), best_rows.cpu().numpy()
         pair_q, pair_rows = self._exclusion_pairs(n, exclude_ids, exclude_image_hashes)
         allowed_t = None if allowed is None else torch.from_numpy(np.asarray(allowed, bool)).to(self.device)
-        for start in range(0, total, self.chunk):
-            stop = min(start + self.chunk, total)
-            block = self._chunk_tensor(modality, start, stop)
+        keep_half = self.dtype == "float16" and self.device.type == "cpu" and n <= HALF_DIRECT_MAX_QUERIES
+        converting = self.dtype == "float16" and self.device.type == "cpu" and not keep_half
+        rows_per_chunk = min(self.chunk, HALF_CONVERT_ROWS) if converting else self.chunk
+        for start in range(0, total, rows_per_chunk):
+            stop = min(start + rows_per_chunk, total)
+            block, scales = self._chunk_tensor(modality, start, stop, keep_half), None
+            if isinstance(block, tuple):
+                block, scales = block
             lo, hi = np.searchsorted(pair_rows, [start, stop])
             masked = (torch.from_numpy(pair_q[lo:hi]).to(self.device),
                       torch.from_numpy(pair_rows[lo:hi] - start).to(self.device))
-            self._merge_chunk(q, block, start, masked, allowed_t, best_scores, best_rows)
+            self._merge_chunk(q, block, start, masked, allowed_t, best_scores, best_rows, scales)
+        if int8:
+            best_scores, best_rows = self._rescored(q, modality, best_scores, best_rows, k)
         best_rows[torch.isinf(best_scores)] = -1
         return _ties_by_row(best_scores.cpu().numpy().astype(np.float32), best_rows.cpu().numpy())
 
     def _merge_chunk(
         self, q: torch.Tensor, block: torch.Tensor, start: int, masked: tuple[torch.Tensor, torch.Tensor],
         allowed: torch.Tensor | None, best_scores: torch.Tensor, best_rows: torch.Tensor,
+        scales: torch.Tensor | None = None,
     ) -> None:
         k = best_scores.shape[1]
         step = max(1, SCORE_BUDGET // max(1, len(block)))
@@ -229,16 +260,32 @@ class ExactIndex:
         for qs in range(0, len(q), step):
             qe = min(qs + step, len(q))
             scores = (q[qs:qe].to(block.dtype) @ block.T).float()
+            if scales is not None:  # int8 codes: one scale per row
+                scores *= scales[None, :]
             if allowed is not None:
                 scores[:, ~allowed[start: start + len(block)]] = -torch.inf
             in_batch = (mask_q >= qs) & (mask_q < qe)
             scores[mask_q[in_batch] - qs, mask_rows[in_batch]] = -torch.inf
-            top = scores.topk(min(k, scores.shape[1]), dim=1)
-            merged_scores = torch.cat([best_scores[qs:qe], top.values], dim=1)
-            merged_rows = torch.cat([best_rows[qs:qe], top.indices + start], dim=1)
+            if block.dtype == torch.float16:
+                top_values, top_rows = half_rescored_top(q[qs:qe], block, scores, k)
+            else:
+                top_values, top_rows = scores.topk(min(k, scores.shape[1]), dim=1)
+            merged_scores = torch.cat([best_scores[qs:qe], top_values], dim=1)
+            merged_rows = torch.cat([best_rows[qs:qe], top_rows + start], dim=1)
             keep = merged_scores.topk(k, dim=1)
             best_scores[qs:qe] = keep.values
             best_rows[qs:qe] = merged_rows.gather(1, keep.indices)
+
+    def _rescored(
+        self, q: torch.Tensor, modality: Modality, scores: torch.Tensor, rows: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """int8: the candidates rescored in float32 from the originals (when kept), then the top k."""
+        stored = self.matrix(modality)
+        exact = stored.rescore(q, rows) if isinstance(stored, Int8Matrix) else None
+        if exact is not None:
+            scores = torch.where(torch.isinf(scores), scores, exact)
+        top = scores.topk(k, dim=1)
+        return top.values, rows.gather(1, top.indices)
 
     # --- VectorMemory ------------------------------------------------------------------------
     def _filter_mask(self, filters: Filters | None) -> np.ndarray | None:
@@ -297,13 +344,15 @@ class ExactIndex:
     def save(self, folder: Path) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        np.save(folder / "image.npy", self._image)
-        np.save(folder / "text.npy", self._text)
+        for name, stored in (("image", self._image), ("text", self._text)):
+            if isinstance(stored, Int8Matrix):
+                stored.save(folder, name)
+            else:
+                np.save(folder / f"{name}.npy", stored)
         np.save(folder / "ids.npy", np.asarray(self.ids, dtype=str))
         np.save(folder / "image_hashes.npy", np.asarray(self.image_hashes, dtype=str))
         if self.payloads:
-            lines = (p.model_dump_json() for p in self.payloads)
-            (folder / "payloads.jsonl").write_text("\n".join(lines) + "\n")
+            write_payloads(folder / "payloads.jsonl", self.payloads)
         meta = {"format": FORMAT_VERSION, "count": len(self), "dim": self.dim, "dtype": self.dtype,
                 "version": self.version}
         (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -313,19 +362,23 @@ class ExactIndex:
     def load(
         cls, folder: Path, *, mmap: bool = True, chunk: int = 262_144, device: str | torch.device = "cpu"
     ) -> ExactIndex:
-        """Memory-mapped by default: opening a 1M-row memory costs no read until it is searched."""
+        """Memory-mapped by default: opening a 1M-row memory costs no read until it is searched.
+
+        Mapped copy-on-write ("c"): the arrays are writeable views of the file's pages, so search hands
+        them to torch without a copy per chunk; nothing here writes to them, and a write would stay private.
+        Payloads are parsed per row on first access (:class:`LazyPayloads`).
+        """
         folder = Path(folder)
         meta = json.loads((folder / "meta.json").read_text())
         if meta.get("format") != FORMAT_VERSION:
             raise ValueError(f"{folder}: unsupported exact-index format {meta.get('format')}")
-        mode: Literal["r"] | None = "r" if mmap else None
-        image = np.load(folder / "image.npy", mmap_mode=mode, allow_pickle=False)
-        text = np.load(folder / "text.npy", mmap_mode=mode, allow_pickle=False)
+        mode: Literal["c"] | None = "c" if mmap else None
+        image, text = (Int8Matrix.load(folder, name, mmap) if meta["dtype"] == "int8"
+                       else np.load(folder / f"{name}.npy", mmap_mode=mode, allow_pickle=False)
+                       for name in ("image", "text"))
         ids = np.load(folder / "ids.npy", allow_pickle=False).tolist()
         hashes = np.load(folder / "image_hashes.npy", allow_pickle=False).tolist()
         payload_file = folder / "payloads.jsonl"
-        payloads = None
-        if payload_file.is_file():
-            payloads = [ItemPayload.model_validate_json(line) for line in payload_file.read_text().splitlines() if line]
+        payloads = LazyPayloads(payload_file) if payload_file.is_file() else None
         return cls(ids, image, text, hashes, payloads=payloads, dtype=meta["dtype"], chunk=chunk, device=device,
                    version=meta["version"], normalise=False)

@@ -12,6 +12,7 @@ import re
 import threading
 import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -96,6 +97,21 @@ def build_filter(filters: Filters | None, exclude_ids: Sequence[str] = ()) -> mo
     return models.Filter(must=must or None, must_not=must_not or None)
 
 
+@dataclass(frozen=True)
+class CollectionLayout:
+    """How a new collection is laid out on a server or cluster (local mode accepts and ignores it)."""
+
+    shards: int | None = None
+    replication: int | None = None
+    int8: bool = False  # scalar quantization: 1 byte a dimension in RAM, originals rescored
+    on_disk: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> CollectionLayout:
+        return cls(settings.qdrant_shard_number, settings.qdrant_replication_factor,
+                   settings.qdrant_quantization == "int8", settings.qdrant_on_disk)
+
+
 class QdrantMemory:
     """One collection (or the alias in front of one)."""
 
@@ -109,7 +125,7 @@ class QdrantMemory:
     ) -> QdrantMemory:
         """The collection of one embedding version, created on first use."""
         memory = cls(client or get_qdrant_client(settings), collection_name_for(encoder_id))
-        memory.ensure(dim)
+        memory.ensure(dim, CollectionLayout.from_settings(settings))
         return memory
 
     @classmethod
@@ -122,7 +138,7 @@ class QdrantMemory:
             return True
         return any(a.alias_name == self.collection for a in self.client.get_aliases().aliases)
 
-    def ensure(self, dim: int) -> None:
+    def ensure(self, dim: int, layout: CollectionLayout | None = None) -> None:
         if self.client.collection_exists(self.collection):
             info = self.client.get_collection(self.collection)
             vectors = info.config.params.vectors
@@ -130,8 +146,14 @@ class QdrantMemory:
             if size != dim:
                 raise MemoryStoreError(f"collection {self.collection} holds {size}-d vectors, encoder gives {dim}")
             return
-        params = models.VectorParams(size=dim, distance=models.Distance.COSINE)
-        self.client.create_collection(self.collection, vectors_config={"image": params, "text": params})
+        layout = layout or CollectionLayout()
+        params = models.VectorParams(size=dim, distance=models.Distance.COSINE, on_disk=layout.on_disk or None)
+        quantization = models.ScalarQuantization(scalar=models.ScalarQuantizationConfig(
+            type=models.ScalarType.INT8, quantile=0.99, always_ram=True)) if layout.int8 else None
+        self.client.create_collection(
+            self.collection, vectors_config={"image": params, "text": params}, shard_number=layout.shards,
+            replication_factor=layout.replication, quantization_config=quantization,
+            on_disk_payload=layout.on_disk or None)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # local mode: indexes are a no-op, says so
             for name, kind in FILTER_FIELDS.items():

@@ -9,8 +9,10 @@ and marked *embedded* only after Qdrant acknowledged them. A crash in between le
 from __future__ import annotations
 
 import logging
+import threading
 import unicodedata
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +36,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+TEXT_CACHE_SIZE = 4096  # captions whose text vectors are kept (8 MiB at d=512)
+
 
 @dataclass(frozen=True)
 class PreparedItem:
@@ -44,6 +48,7 @@ class PreparedItem:
     size_bytes: int
     image: Image.Image | None = None
     pixels: torch.Tensor | None = None  # already preprocessed (decode workers do it off the hot path)
+    pixels_uint8: np.ndarray | None = None  # first preprocessing stage only (encoder.preprocess_uint8)
     width: int | None = None
     height: int | None = None
 
@@ -96,6 +101,20 @@ def clean_caption(raw: str, *, max_chars: int, required: bool) -> tuple[str, Fai
 
 
 @dataclass
+class EncodedBatch:
+    """A batch encoded and marked pending, waiting for :meth:`IngestService.store_batch`."""
+
+    job_id: int | None
+    outcome: BatchOutcome
+    failures: list[FailedInput]
+    records: list[MemoryRecord]
+
+    @property
+    def item_ids(self) -> list[str]:
+        return [r.item_id for r in self.records]
+
+
+@dataclass
 class _Batch:
     items: list[NewItem] = field(default_factory=list)
     prepared: list[PreparedItem] = field(default_factory=list)
@@ -116,6 +135,8 @@ class IngestService:
         self.encoder = encoder or create_encoder(settings)
         self.repo = repo or MetadataRepo.from_url(settings.resolved_database_url)
         self.memory = memory or QdrantMemory.for_encoder(settings, self.encoder.encoder_id, self.encoder.dim)
+        self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()  # caption -> vector, recent first out
+        self._text_lock = threading.Lock()
         self._ensure_version_registered()
 
     @property
@@ -141,10 +162,21 @@ class IngestService:
 
     # --- the batch --------------------------------------------------------------------------------
     def write_batch(self, job_id: int | None, inputs: Sequence[PreparedItem | FailedInput]) -> BatchOutcome:
+        return self.store_batch(self.encode_batch(job_id, inputs))
+
+    def encode_batch(
+        self, job_id: int | None, inputs: Sequence[PreparedItem | FailedInput], *, in_flight: Collection[str] = ()
+    ) -> EncodedBatch:
+        """Admit, mark pending, encode: everything before the vector write (:meth:`store_batch`).
+
+        ``in_flight``: ids of an encoded batch whose store has not finished (a pipeline stores batch N
+        while it encodes N+1); they count as duplicates here, as they would once stored.
+        """
         outcome = BatchOutcome(seen=len(inputs))
         failures: list[FailedInput] = [i for i in inputs if isinstance(i, FailedInput)]
         batch = self._admit(
-            [i for i in inputs if isinstance(i, PreparedItem)], failures, outcome)
+            [i for i in inputs if isinstance(i, PreparedItem)], failures, outcome, in_flight)
+        records: list[MemoryRecord] = []
         if batch.items:
             self.repo.add_pending(batch.items, self.encoder_id)
             try:
@@ -154,20 +186,26 @@ class IngestService:
                 ids = [i.id for i in batch.items]
                 self.repo.set_status(ids, self.encoder_id, EmbedStatus.FAILED, RejectReason.ENCODE_ERROR, str(exc))
                 failures += [FailedInput(i.source_uri, RejectReason.ENCODE_ERROR, str(exc)) for i in batch.items]
-            else:
-                self.memory.upsert(records)  # transient store errors propagate: the caller retries
-                self.repo.set_status([r.item_id for r in records], self.encoder_id, EmbedStatus.EMBEDDED)
-                outcome.ingested += len(records)
+        return EncodedBatch(job_id, outcome, failures, records)
+
+    def store_batch(self, encoded: EncodedBatch) -> BatchOutcome:
+        """Vectors to Qdrant, then *embedded* in the DB, then the job's counts (safe in a writer thread)."""
+        outcome, failures = encoded.outcome, encoded.failures
+        if encoded.records:
+            self.memory.upsert(encoded.records)  # transient store errors propagate: the caller retries
+            self.repo.set_status(encoded.item_ids, self.encoder_id, EmbedStatus.EMBEDDED)
+            outcome.ingested += len(encoded.records)
         outcome.failed = len(failures)
         outcome.failures = [Failure(source=f.source, reason=f.reason, detail=f.detail) for f in failures]
-        if job_id is not None:
-            self.repo.record_failures(job_id, [FailureRecord(f.source, f.reason, f.detail) for f in failures])
-            self.repo.add_job_counts(job_id, seen=outcome.seen, ingested=outcome.ingested,
+        if encoded.job_id is not None:
+            self.repo.record_failures(encoded.job_id, [FailureRecord(f.source, f.reason, f.detail) for f in failures])
+            self.repo.add_job_counts(encoded.job_id, seen=outcome.seen, ingested=outcome.ingested,
                                      duplicates=outcome.duplicates, failed=outcome.failed)
         return outcome
 
     def _admit(
-        self, prepared: list[PreparedItem], failures: list[FailedInput], outcome: BatchOutcome
+        self, prepared: list[PreparedItem], failures: list[FailedInput], outcome: BatchOutcome,
+        in_flight: Collection[str] = (),
     ) -> _Batch:
         """Caption checks and dedupe (within the batch and against what is already embedded)."""
         batch = _Batch()
@@ -187,7 +225,7 @@ class IngestService:
             candidates.append((item, p))
         status = self.repo.embedding_status([c[0].id for c in candidates], self.encoder_id)
         for item, p in candidates:
-            if status.get(item.id) == EmbedStatus.EMBEDDED:
+            if status.get(item.id) == EmbedStatus.EMBEDDED or item.id in in_flight:
                 outcome.duplicates += 1
             else:
                 batch.items.append(item)
@@ -202,22 +240,55 @@ class IngestService:
         unique = [batch.prepared[i] for i in first_index.values()]
         image_vectors = self._encode_images(unique)
         row_of_hash = {h: n for n, h in enumerate(first_index)}
-        text_vectors = self.encoder.encode_texts([i.caption for i in batch.items])
+        text_of = self._text_vectors(dict.fromkeys(i.caption for i in batch.items))
         records = []
-        for item, p, text_vec in zip(batch.items, batch.prepared, text_vectors, strict=True):
+        for item, p in zip(batch.items, batch.prepared, strict=True):
             payload = ItemPayload(
                 item_id=item.id, image_hash=item.image_hash, caption=item.caption, dataset=item.dataset,
                 split=item.split, source=item.source_uri, label=item.label, extra=item.extra)
-            records.append(MemoryRecord(payload, image_vectors[row_of_hash[p.image_hash]], text_vec))
+            records.append(MemoryRecord(payload, image_vectors[row_of_hash[p.image_hash]], text_of[item.caption]))
         return records
 
+    def _text_vectors(self, captions: Iterable[str]) -> dict[str, np.ndarray]:
+        """One text encode per caption not seen lately. Images-only sources give every item the empty
+        caption: encoding it per item cost ~70 % of the image encode on CPU (ViT-B-32); now once per service.
+        """
+        wanted = list(captions)
+        with self._text_lock:
+            missing = [c for c in wanted if c not in self._text_cache]
+        fresh = dict(zip(missing, self.encoder.encode_texts(missing), strict=True)) if missing else {}
+        with self._text_lock:
+            self._text_cache.update(fresh)
+            out = {c: self._text_cache[c] if c in self._text_cache else fresh[c] for c in wanted}
+            for c in wanted:
+                self._text_cache.move_to_end(c)
+            while len(self._text_cache) > TEXT_CACHE_SIZE:
+                self._text_cache.popitem(last=False)
+        return out
+
     def _encode_images(self, prepared: list[PreparedItem]) -> np.ndarray:
+        to_pixels = getattr(self.encoder, "pixels_from_uint8", None)
+        if to_pixels is not None and all(p.pixels_uint8 is not None for p in prepared):
+            return self.encoder.encode_images(to_pixels(np.stack([p.pixels_uint8 for p in prepared
+                                                                   if p.pixels_uint8 is not None])))
         if all(p.pixels is not None for p in prepared):
             import torch
 
             return self.encoder.encode_images(torch.stack([p.pixels for p in prepared]))  # type: ignore[misc]
+        if any(p.pixels is not None or p.pixels_uint8 is not None for p in prepared):
+            import torch
+
+            return self.encoder.encode_images(torch.stack([self._pixels_of(p) for p in prepared]))
         images = [p.image if p.image is not None else _missing_pixels(p) for p in prepared]
         return self.encoder.encode_images(images)
+
+    def _pixels_of(self, p: PreparedItem) -> torch.Tensor:
+        """One item's model input, whichever form it came in (a batch mixing forms is rare)."""
+        if p.pixels is not None:
+            return p.pixels
+        if p.pixels_uint8 is not None:
+            return self.encoder.pixels_from_uint8(p.pixels_uint8[None])[0]  # type: ignore[attr-defined]
+        return self.encoder.preprocess(p.image if p.image is not None else _missing_pixels(p))
 
     # --- repair ----------------------------------------------------------------------------------
     def reconcile(self, limit: int = 10_000) -> ReconcileReport:

@@ -1,0 +1,126 @@
+"""Measurements that run in a fresh process: ``python -m app.bench.child TASK ARGS_JSON`` prints one JSON line.
+
+A fresh process per (size, backend) keeps its resident memory its own (nothing left over from the
+previous size) and gives each measurement the same start. Tasks:
+
+- ``exact``: load a saved :class:`ExactIndex` (memory-mapped or read), time the load, single queries and
+  batches on the image matrix, one batch on the text matrix (both matrices searchable), report RSS.
+- ``qdrant``: fill a Qdrant collection (local mode in memory, or the server at ``url``) from a saved
+  memory through :class:`QdrantMemory`, then the same queries through its ``search``/``search_batch``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.bench.common import peak_rss_mb, rss_mb, time_one
+from app.schemas import Modality
+
+
+def _queries(args: dict[str, Any]) -> np.ndarray:
+    return np.load(args["queries"]).astype(np.float32)
+
+
+def exact_task(args: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from app.memory.exact import ExactIndex
+
+    if args.get("threads"):
+        torch.set_num_threads(int(args["threads"]))
+    queries, k, batch = _queries(args), int(args["k"]), int(args["batch"])
+    baseline = rss_mb()
+    start = time.perf_counter()
+    index = ExactIndex.load(Path(args["folder"]), mmap=bool(args["mmap"]), chunk=int(args.get("chunk", 262_144)))
+    load_s = time.perf_counter() - start
+    singles = queries[: int(args["single"])]
+    start = time.perf_counter()
+    index.knn(singles[0], Modality.IMAGE, k)
+    first_s = time.perf_counter() - start
+    tops: list[list[int]] = []
+
+    def one(q: np.ndarray) -> None:
+        tops.append(index.knn(q, Modality.IMAGE, k)[1][0].tolist())
+
+    single_s = [time_one(one, q) for q in singles]
+    batches = [queries[i * batch: (i + 1) * batch] for i in range(int(args["batches"]))]
+    batch_tops: list[list[list[int]]] = []
+
+    def many(b: np.ndarray) -> None:
+        batch_tops.append(index.knn(b, Modality.IMAGE, k)[1].tolist())
+
+    batch_s = [time_one(many, b) for b in batches]
+    index.knn(queries[:batch], Modality.TEXT, k)  # the text matrix too: "both matrices searchable"
+    return {"load_s": load_s, "first_query_s": first_s, "single_s": single_s, "batch_s": batch_s, "top": tops,
+            "batch_top": batch_tops,
+            "rss_mb": rss_mb(), "peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": baseline, "rows": len(index),
+            "dtype": index.dtype}
+
+
+def _fill_qdrant(memory: Any, folder: Path, page: int = 4096) -> float:
+    from app.bench.memory_files import synthetic_hash, synthetic_id
+    from app.memory.base import ItemPayload, MemoryRecord
+
+    image = np.load(folder / "image.npy", mmap_mode="r")
+    text = np.load(folder / "text.npy", mmap_mode="r")
+    start = time.perf_counter()
+    for lo in range(0, len(image), page):
+        hi = min(lo + page, len(image))
+        records = [
+            MemoryRecord(ItemPayload(item_id=synthetic_id(r), image_hash=synthetic_hash(r),
+                                     caption=f"synthetic caption {r}", dataset="synthetic", split="train"),
+                         np.asarray(image[r], np.float32), np.asarray(text[r], np.float32))
+            for r in range(lo, hi)
+        ]
+        memory.upsert(records)
+    return time.perf_counter() - start
+
+
+def qdrant_task(args: dict[str, Any]) -> dict[str, Any]:
+    import warnings
+
+    from qdrant_client import QdrantClient
+
+    from app.memory.qdrant import QdrantMemory
+
+    warnings.simplefilter("ignore", UserWarning)  # local mode warns past 20k points: that is the point here
+    queries, k, batch = _queries(args), int(args["k"]), int(args["batch"])
+    url = args.get("url")
+    client = QdrantClient(url=url) if url else QdrantClient(location=":memory:")
+    folder = Path(args["folder"])
+    memory = QdrantMemory(client, f"reco_bench_{folder.parent.name}")
+    if url and client.collection_exists(memory.collection):
+        client.delete_collection(memory.collection)
+    memory.ensure(int(np.load(folder / "image.npy", mmap_mode="r").shape[1]))
+    fill_s = _fill_qdrant(memory, folder)
+    tops: list[list[int]] = []
+
+    def one(q: np.ndarray) -> None:
+        tops.append([int(h.item_id.replace("-", "")[-12:], 16) for h in memory.search(q, Modality.IMAGE, k)])
+
+    single_s = [time_one(one, q) for q in queries[: int(args["single"])]]
+    batches = [queries[i * batch: (i + 1) * batch] for i in range(int(args["batches"]))]
+    batch_s = [time_one(lambda b: memory.search_batch(b, Modality.IMAGE, k), b) for b in batches]
+    result = {"fill_s": fill_s, "single_s": single_s, "batch_s": batch_s, "top": tops, "rss_mb": rss_mb(),
+              "peak_rss_mb": peak_rss_mb(), "mode": "server" if url else "local (in memory)"}
+    if url:
+        client.delete_collection(memory.collection)
+    return result
+
+
+TASKS = {"exact": exact_task, "qdrant": qdrant_task}
+
+
+def main(argv: list[str]) -> None:
+    task, args = argv[1], json.loads(argv[2])
+    print(json.dumps(TASKS[task](args)), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv)

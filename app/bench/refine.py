@@ -1,0 +1,183 @@
+"""``reco bench refine``: image bytes to top-5 classes, CLIP against RECO, through ``predict_image``.
+
+Both go through the prediction service (:func:`app.services.predict.predict_image`): safe decode,
+encode (one image, ViT-B-32), then CLIP scores against the cached class embeddings; RECO (mode
+``both``) adds the image's retrieval from the memory and the fusion, against cached refined class
+embeddings. The memory is an exact index of ``memory_size`` synthetic pairs (random unit vectors; cost
+does not depend on their meaning); the fusion checkpoint is randomly initialised (speed only). Class
+embeddings are computed before timing (they are cached per class set in production too). Requests
+alternate CLIP/RECO image by image, so both see the same machine state.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, Field
+
+from app.bench.common import load_average, machine_info, percentile_ms, unit_vectors
+from app.bench.ingest import build_encoder, first_images
+from app.bench.memory_files import synthetic_hash, synthetic_id
+from app.config import Settings, get_settings
+from app.encoder.openclip import OpenClipEncoder
+from app.memory.base import ItemPayload
+from app.memory.exact import ExactIndex, StorageDtype
+from app.schemas import RefineMode
+
+FALLBACK_CLASSES = [f"class {i}" for i in range(10)]
+
+
+class RefineBenchResult(BaseModel):
+    """The issue's JSON contract (overhead = reco / clip - 1 at the median); details stay out of the dump."""
+
+    memory_size: int
+    clip_p50_ms: float
+    reco_p50_ms: float
+    clip_p99_ms: float
+    reco_p99_ms: float
+    overhead: float
+    details: dict[str, Any] = Field(default_factory=dict, exclude=True)
+
+
+def synthetic_index(size: int, dim: int, dtype: StorageDtype, seed: int = 0) -> ExactIndex:
+    ids = [synthetic_id(r) for r in range(size)]
+    hashes = [synthetic_hash(r) for r in range(size)]
+    payloads = [ItemPayload(item_id=i, image_hash=h, caption=f"synthetic caption {r}", dataset="synthetic")
+                for r, (i, h) in enumerate(zip(ids, hashes, strict=True))]
+    return ExactIndex(ids, unit_vectors(size, dim, seed), unit_vectors(size, dim, seed + 1), hashes,
+                      payloads=payloads, dtype=dtype, normalise=False, version=f"synthetic:{size}:{dtype}")
+
+
+def register_random_fusion(settings: Settings, encoder: OpenClipEncoder, index: ExactIndex) -> Path:
+    """A seeded, untrained fusion checkpoint registered as the newest for this encoder."""
+    from app.db.runs import register_checkpoint
+    from app.fusion.checkpoint import CheckpointMeta, save_checkpoint
+    from app.fusion.config import get_fusion_config
+    from app.fusion.model import RecoFusion
+    from app.services.method_common import session_factory_for
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = RecoFusion(get_fusion_config(settings.fusion_config), encoder.dim)
+    meta = CheckpointMeta(config=model.cfg.to_dict(), dim=encoder.dim, encoder_id=encoder.encoder_id,
+                          memory_version=index.version, metrics={"note": "random init, speed benchmark only"})
+    path = settings.data_dir / "fusion-random.safetensors"
+    sha = save_checkpoint(path, model, meta)
+    register_checkpoint(session_factory_for(settings), path=str(path), sha256=sha, encoder_id=encoder.encoder_id,
+                        memory_version=index.version, config=model.cfg.to_dict(), metrics=meta.metrics)
+    return path
+
+
+def _classes(settings: Settings) -> list[str]:
+    path = settings.shared_data / "imagenette" / "classes.txt"
+    names = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+    return names or FALLBACK_CLASSES
+
+
+def run_refine_bench(
+    images: Path,
+    *,
+    memory_size: int = 100_000,
+    n_images: int = 40,
+    model: str = "ViT-B-32",
+    dtype: StorageDtype = "float32",
+    k: int = 10,
+    threads: int | None = 1,
+    encoder: OpenClipEncoder | None = None,
+    workdir: Path | None = None,
+) -> RefineBenchResult:
+    """CLIP vs RECO per image, interleaved; RECO over ``dtype`` (contract) and the other storage (details).
+
+    ``threads``: torch intra-op threads while timing. One request at a time is what a refine worker
+    serves; on the shared 2-core VM two OpenMP threads per tiny batch-1 op wait on each other (a
+    single-image encode took 1.8 s with 2 threads, 0.15 s with 1, same load), so 1 is the default.
+    """
+    info = machine_info()
+    previous_threads = torch.get_num_threads()
+    root = Path(tempfile.mkdtemp(prefix="reco-bench-refine-", dir=workdir))
+    try:
+        encoder = encoder or build_encoder(model, batch=1)
+        if threads:
+            torch.set_num_threads(threads)
+        other: StorageDtype = "float16" if dtype == "float32" else "float32"
+        indexes: dict[str, ExactIndex] = {d: synthetic_index(memory_size, encoder.dim, d) for d in (dtype, other)}
+        blobs = [p.read_bytes() for p in first_images(images, n_images)]
+        times = _timed_predictions(root, encoder, indexes, blobs, k)
+        retrieval = {d: _retrieval_only(index, encoder, k) for d, index in indexes.items()}
+    finally:
+        torch.set_num_threads(previous_threads)
+        shutil.rmtree(root, ignore_errors=True)
+    details = {"info": info, "dtype": dtype, "k": k, "images": len(blobs), "threads": threads or previous_threads,
+               "model": f"{encoder.model_name}/{encoder.pretrained or 'random'}",
+               "retrieval_fusion_ms": retrieval, "other_dtype": other,
+               "reco_other_dtype_p50_ms": percentile_ms(times[f"reco-{other}"], 50),
+               "reco_other_dtype_p99_ms": percentile_ms(times[f"reco-{other}"], 99),
+               "overhead_other_dtype": round(percentile_ms(times[f"reco-{other}"], 50)
+                                             / percentile_ms(times["clip"], 50) - 1, 4)}
+    return _refine_result(times["clip"], times[f"reco-{dtype}"], memory_size, details)
+
+
+def _timed_predictions(
+    root: Path, encoder: OpenClipEncoder, indexes: dict[str, ExactIndex], blobs: list[bytes], k: int
+) -> dict[str, list[float]]:
+    """Per image, in rotating order: CLIP, then RECO over each index (seconds per request)."""
+    from app.services.method_common import session_factory_for
+    from app.services.predict import PredictRequest, predict_image
+
+    settings = get_settings(data_dir=root, database_url=None, qdrant_url=None, clip_model=encoder.model_name,
+                            clip_pretrained=encoder.pretrained, k_infer=k, device=encoder.device.type)
+    register_random_fusion(settings, encoder, next(iter(indexes.values())))
+    factory = session_factory_for(settings)
+    classes = _classes(settings)
+    legs: list[tuple[str, RefineMode, ExactIndex | None]] = [("clip", RefineMode.CLIP, None)]
+    legs += [(f"reco-{d}", RefineMode.BOTH, index) for d, index in indexes.items()]
+
+    def predict(data: bytes, mode: RefineMode, memory: ExactIndex | None) -> float:
+        request = PredictRequest(image_bytes=data, classes=classes, mode=mode, top=5, k=k)
+        start = time.perf_counter()
+        predict_image(settings, request, encoder=encoder, memory=memory, session_factory=factory)
+        return time.perf_counter() - start
+
+    for _, mode, memory in legs:  # untimed: class embeddings and the fusion model get cached
+        predict(blobs[0], mode, memory)
+    times: dict[str, list[float]] = {name: [] for name, _, _ in legs}
+    for i, data in enumerate(blobs):
+        for name, mode, memory in legs[i % len(legs):] + legs[: i % len(legs)]:
+            times[name].append(predict(data, mode, memory))
+    return times
+
+
+def _retrieval_only(index: ExactIndex, encoder: OpenClipEncoder, k: int, n: int = 20) -> dict[str, float]:
+    """The part RECO adds, alone: neighbours of one image embedding from the index, then the fusion."""
+    from app.fusion.config import get_fusion_config
+    from app.fusion.model import RecoFusion
+    from app.refine import Refiner
+
+    refiner = Refiner(RecoFusion(get_fusion_config("reco-fusion-b"), encoder.dim), index, k=k)
+    vectors = unit_vectors(n, encoder.dim, 99)
+    refiner.refine_image(vectors[0])
+    spent: list[float] = []
+    for v in vectors:
+        start = time.perf_counter()
+        refiner.refine_image(v)
+        spent.append(time.perf_counter() - start)
+    return {"p50_ms": percentile_ms(spent, 50), "p99_ms": percentile_ms(spent, 99)}
+
+
+def _refine_result(
+    clip: list[float], reco: list[float], memory_size: int, details: dict[str, Any]
+) -> RefineBenchResult:
+    clip_p50, reco_p50 = percentile_ms(clip, 50), percentile_ms(reco, 50)
+    details |= {"clip_mean_ms": round(float(np.mean(clip)) * 1e3, 3),
+                "reco_mean_ms": round(float(np.mean(reco)) * 1e3, 3),
+                "overhead_mean": round(float(np.mean(reco) / np.mean(clip) - 1), 4), "load_avg_end": load_average(),
+                "reco_mode": "both"}
+    return RefineBenchResult(memory_size=memory_size, clip_p50_ms=clip_p50, reco_p50_ms=reco_p50,
+                             clip_p99_ms=percentile_ms(clip, 99), reco_p99_ms=percentile_ms(reco, 99),
+                             overhead=round(reco_p50 / clip_p50 - 1, 4), details=details)

@@ -1,0 +1,252 @@
+"""``docs/performance.md`` from the benchmark results: the goals, tables, PNG plots (matplotlib, Agg).
+
+Inputs under ``docs/performance/``: ``results.json`` (written by ``reco bench all``), ``peer.json``
+(``reco bench ingest --peer``, when it was run) and ``optimisations.md`` (hand-written notes on the fast
+paths with their measured before/after, included as it is). Everything else is generated.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from app.bench.common import describe_machine
+
+ASSETS = "performance"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:,.3f}" if abs(v) < 10 else f"{v:,.1f}"
+        return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _row(rows: Sequence[dict[str, Any]], size: int, backend: str, batch: int) -> dict[str, Any] | None:
+    return next((r for r in rows if r["size"] == size and r["backend"] == backend and r["batch"] == batch), None)
+
+
+def _run(runs: Sequence[dict[str, Any]], size: int, backend: str) -> dict[str, Any]:
+    return next((r for r in runs if r["size"] == size and r["backend"] == backend), {})
+
+
+def goal_rows(
+    res: dict[str, Any], peer: dict[str, Any] | None, stretch: dict[str, Any] | None = None
+) -> list[list[Any]]:
+    """(goal, measured, met) per goal of the issue, from the measured figures only."""
+    out: list[list[Any]] = []
+    ing = res.get("ingest", {}).get("result")
+    if ing:
+        out.append(["ingest pipeline ≥ 0.9 × encoder-only", f"{ing['ratio']:.3f} ({ing['pipeline_img_s']:.2f} vs "
+                    f"{ing['encoder_only_img_s']:.2f} img/s, n={ing['n']})", _met(ing["ratio"] >= 0.9)])
+    if peer:
+        out.append(["`reco ingest` ≥ 1.5 × peer (whole commands)", f"{peer['ratio']:.2f}× ({peer['reco_img_s']:.2f} "
+                    f"vs {peer['peer_img_s']:.2f} img/s, n={peer['n']})", _met(peer["ratio"] >= 1.5)])
+    else:
+        out.append(["`reco ingest` ≥ 1.5 × peer", "not in this run: `reco bench ingest --peer`", "—"])
+    out += _search_goals(res.get("search", {})) + [_stretch_goal(stretch)]
+    ref = res.get("refine", {}).get("result")
+    if ref:
+        out.append([f"RECO adds ≤ 25 % to CLIP prediction ({ref['memory_size']:,} memory)",
+                    f"+{ref['overhead'] * 100:.1f} % (p50 {ref['reco_p50_ms']:.0f} vs {ref['clip_p50_ms']:.0f} ms)",
+                    _met(ref["overhead"] <= 0.25)])
+    train = res.get("train", {})
+    if train.get("result"):
+        d = train.get("details", {})
+        out.append(["training: neighbours precomputed in one batched pass",
+                    f"{train['result']['samples_per_s']:.0f} samples/s; pass {d.get('precompute_neighbours_s')} s "
+                    f"once vs ~{d.get('per_step_retrieval_s_estimate')} s if repeated per epoch", "yes"])
+    gpu = res.get("gpu", {})
+    out.append(["GPU ≥ 2,500 img/s (ViT-B-32 fp16)", gpu.get("status", "not run") if gpu.get("status") != "ok"
+                else f"{gpu['end_to_end_img_s']:.0f} img/s", _met(gpu.get("vs_anchor", 0) >= 1)
+                if gpu.get("status") == "ok" else "—"])
+    return out
+
+
+def _met(ok: bool) -> str:
+    return "**met**" if ok else "**not met**"
+
+
+def _search_goals(search: dict[str, Any]) -> list[list[Any]]:
+    rows, runs = search.get("result", {}).get("results", []), search.get("details", {}).get("runs", [])
+    out: list[list[Any]] = []
+    for batch in (1, 64):
+        exact, local = _row(rows, 100_000, "exact", batch), _row(rows, 100_000, "qdrant-local", batch)
+        if exact and local:
+            ratio = exact["qps"] / local["qps"]
+            same = _run(runs, 100_000, "qdrant-local").get("identical_top10", 0)
+            out.append([f"exact ≥ 10 × Qdrant local QPS at 100k (batch {batch}), identical top-10",
+                        f"{ratio:.1f}× ({exact['qps']:.1f} vs {local['qps']:.2f} QPS); identical top-10 "
+                        f"{same * 100:.0f} %", _met(ratio >= 10 and same == 1)])
+    for backend in ("exact-fp16", "exact"):
+        big = _run(runs, 1_000_000, backend)
+        if big:
+            rss = big.get("peak_rss_mb") or 0
+            verdict = _met(rss <= 4096) if backend == "exact-fp16" else "reference (float32 vectors alone: 4.1 GB)"
+            out.append([f"1M pairs searchable in ≤ 4 GB RSS ({backend})", f"{rss / 1024:.2f} GiB peak", verdict])
+            out.append([f"load of a saved 1M memory ≤ 5 s ({backend}, memory-mapped)", f"{big.get('load_s', 0):.2f} s",
+                        _met(big.get("load_s", 99) <= 5)])
+    return out
+
+
+def _stretch_goal(stretch: dict[str, Any] | None) -> list[Any]:
+    goal = "stretch: 10M pairs on one 24 GB machine (int8 + float rescoring), recall@10 ≥ 0.99"
+    if not stretch:
+        return [goal, "not in this run: `reco bench search --stretch`", "—"]
+    peak = (stretch.get("peak_rss_mb") or 0) / 1024
+    return [goal, f"{stretch['size']:,} pairs: recall@10 {stretch['recall_at_10']:.3f} over "
+            f"{stretch['queries']} queries, peak RSS {peak:.1f} GiB, load {stretch['load_s']} s, single query p50 "
+            f"{stretch['single_p50_ms'] / 1e3:.1f} s, batch of 64 {stretch['batch_s']} s",
+            _met(stretch["recall_at_10"] >= 0.99 and peak <= 24)]
+
+
+def _plots(res: dict[str, Any], folder: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made: list[str] = []
+    search = res.get("growth", {}).get("search", [])
+    if search:
+        fig, (lat, rss) = plt.subplots(1, 2, figsize=(11, 4))
+        for backend in sorted({p["backend"] for p in search}):
+            pts = [p for p in search if p["backend"] == backend and p.get("p50_ms")]
+            lat.loglog([p["size"] for p in pts], [p["p50_ms"] for p in pts], "o-", label=backend)
+            rss.semilogx([p["size"] for p in pts], [p["rss_mb"] / 1024 for p in pts], "o-", label=backend)
+        lat.set(xlabel="memory size (pairs)", ylabel="single-query p50 (ms)", title="search latency")
+        rss.set(xlabel="memory size (pairs)", ylabel="resident memory (GiB)", title="RSS after search")
+        rss.axhline(4, color="grey", ls="--", lw=1)
+        lat.legend()
+        fig.tight_layout()
+        fig.savefig(folder / "growth_search.png", dpi=110)
+        plt.close(fig)
+        made.append("growth_search.png")
+    batches = res.get("growth", {}).get("ingest_batch", [])
+    if batches:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key, label in (("encoder_only_img_s", "encoder-only"), ("pipeline_img_s", "pipeline")):
+            ax.semilogx([p["batch"] for p in batches], [p[key] for p in batches], "o-", base=2, label=label)
+        ax.set(xlabel="batch size", ylabel="images/s", title="ingest throughput vs batch size")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(folder / "growth_ingest.png", dpi=110)
+        plt.close(fig)
+        made.append("growth_ingest.png")
+    return made
+
+
+def _ingest_section(res: dict[str, Any], peer: dict[str, Any] | None) -> list[str]:
+    ing = res.get("ingest", {})
+    if not ing.get("result"):
+        return []
+    r, d = ing["result"], ing.get("details", {})
+    lines = ["## Ingest", "", f"Model {r['model']} on {r['device']}, {r['n']} images "
+             f"(`{d.get('images_dir')}`, first {r['n']} sorted), batch {d.get('batch')}, "
+             f"{len(d.get('rounds', []))} interleaved rounds, images only (no captions).", ""]
+    lines += _table(["leg", "img/s", "seconds", "CPU ms / image"], [
+        ["encoder-only (pre-decoded tensors)", r["encoder_only_img_s"], d.get("encoder_s"),
+         d.get("encoder_cpu_ms_per_img")],
+        ["full pipeline (read, decode, preprocess, encode, Qdrant + SQLite)", r["pipeline_img_s"], d.get("pipeline_s"),
+         d.get("pipeline_cpu_ms_per_img")],
+    ])
+    lines += [f"Ratio {r['ratio']:.3f} by wall clock; by CPU time per image (work done, whatever share of the "
+              f"shared CPU each leg got) {d.get('cpu_ratio')}.", ""]
+    lines += _table(["round", "load (1 min)", "encoder-only s", "pipeline s", "images"],
+                    [[x["round"], (x["load_avg_1m"] or [""])[0], round(x["encoder_s"], 2), round(x["pipeline_s"], 2),
+                      x["images"]] for x in d.get("rounds", [])])
+    if peer:
+        pd = peer.get("details", {})
+        lines += ["### Against the peer (`clip-retrieval inference`, whole commands)", "",
+                  f"Measured {pd.get('machine', {}).get('time', '?')} by `reco bench ingest --peer`, "
+                  f"{len(pd.get('rounds', []))} rounds, same {peer['n']} images, same weights file, images only.", ""]
+        lines += _table(["command", "img/s (median)", "note"], [
+            ["reco ingest", peer["reco_img_s"], "SQLite + Qdrant local store on disk"],
+            ["clip-retrieval inference", peer["peer_img_s"], f"its own batch loop: {pd.get('peer_loop_img_s')} img/s"],
+        ])
+    return lines
+
+
+def _search_section(res: dict[str, Any]) -> list[str]:
+    search = res.get("search", {})
+    rows, runs = search.get("result", {}).get("results", []), search.get("details", {}).get("runs", [])
+    if not rows:
+        return []
+    lines = ["## Search", "", "Synthetic random unit vectors, 512-d (search cost does not depend on what vectors "
+             "mean; random vectors are the hard case for recall). One fresh process per size and backend; RSS is "
+             "that process's after searching both matrices. Recall@10 against the float32 exact index.", ""]
+    lines += _table(["size", "backend", "batch", "QPS", "p50 ms", "p99 ms", "recall@10", "RSS MB"],
+                    [[r["size"], r["backend"], r["batch"], r["qps"], r["p50_ms"], r["p99_ms"], r["recall_at_10"],
+                      r["rss_mb"]] for r in rows])
+    lines += _table(["size", "backend", "load / fill s", "first query s", "peak RSS MB", "identical top-10"],
+                    [[r["size"], r["backend"], round(r.get("load_s", r.get("fill_s", 0.0)), 3),
+                      round(r.get("first_query_s", 0.0), 3), r.get("peak_rss_mb"), r.get("identical_top10")]
+                     for r in runs])
+    return lines
+
+
+def _small_sections(res: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    ref = res.get("refine", {})
+    if ref.get("result"):
+        r, d = ref["result"], ref.get("details", {})
+        lines += ["## Refine (image bytes → top-5)", "",
+                  f"Through `predict_image`: {d.get('images')} images, {d.get('model')}, {d.get('threads')} torch "
+                  f"thread(s), k={d.get('k')}, memory {r['memory_size']:,} pairs in an exact index "
+                  f"({d.get('dtype')}), mode `{d.get('reco_mode')}`, class embeddings cached.", ""]
+        lines += _table(["", "p50 ms", "p99 ms"], [["CLIP", r["clip_p50_ms"], r["clip_p99_ms"]],
+                                                  [f"RECO ({d.get('dtype')})", r["reco_p50_ms"], r["reco_p99_ms"]],
+                                                  [f"RECO ({d.get('other_dtype')})", d.get("reco_other_dtype_p50_ms"),
+                                                   d.get("reco_other_dtype_p99_ms")]])
+        lines += [f"Retrieval + fusion alone: {json.dumps(d.get('retrieval_fusion_ms'))}.", ""]
+    train = res.get("train", {})
+    if train.get("result"):
+        r, d = train["result"], train.get("details", {})
+        lines += ["## Training", ""]
+        lines += _table(["samples/s", "epoch s", "pairs", "memory", "batch", "steps", "neighbour pass s"],
+                        [[r["samples_per_s"], r["epoch_s"], d.get("pairs"), d.get("memory_size"), d.get("batch_size"),
+                          d.get("steps"), d.get("precompute_neighbours_s")]])
+    growth = res.get("growth", {})
+    if growth:
+        lines += ["## Growth", "", "![search growth](performance/growth_search.png)", "",
+                  "![ingest vs batch](performance/growth_ingest.png)", ""]
+        lines += _table(["batch", "images", "encoder-only img/s", "pipeline img/s"],
+                        [[p["batch"], p["images"], p["encoder_only_img_s"], p["pipeline_img_s"]]
+                         for p in growth.get("ingest_batch", [])])
+        lines += [f"- {note}" for note in growth.get("notes", [])] + [""]
+    gpu = res.get("gpu", {})
+    lines += ["## GPU", "", f"{gpu.get('status', 'not run')}" + (f": {json.dumps(gpu)}" if gpu.get("status") == "ok"
+                                                                  else "."), ""]
+    return lines
+
+
+def write_report(docs: Path) -> Path:
+    """Regenerate ``docs/performance.md`` (and its PNGs) from ``docs/performance/*.json``."""
+    folder = docs / ASSETS
+    res = json.loads((folder / "results.json").read_text())
+    peer_file = folder / "peer.json"
+    peer = json.loads(peer_file.read_text()) if peer_file.is_file() else None
+    stretch_file = folder / "stretch.json"
+    stretch = json.loads(stretch_file.read_text()) if stretch_file.is_file() else None
+    _plots(res, folder)
+    machine = res.get("machine", {})
+    lines = ["# Performance", "", "Generated by `reco bench all` (do not edit by hand: edit "
+             "`docs/performance/optimisations.md` or rerun). Scale-out estimates: [scaling.md](scaling.md).", "",
+             f"Machine: {describe_machine(machine)}; torch {machine.get('torch')}, {machine.get('torch_threads')} "
+             f"threads; load average at start {machine.get('load_avg_1_5_15')} (shared machine: other work was "
+             f"running). Run on {machine.get('time')}, {res.get('duration_s', 0) / 60:.1f} min.", "",
+             "## Goals", ""]
+    lines += _table(["goal", "measured", "met"], goal_rows(res, peer, stretch))
+    lines += _ingest_section(res, peer) + _search_section(res) + _small_sections(res)
+    notes = folder / "optimisations.md"
+    if notes.is_file():
+        lines += [notes.read_text().rstrip(), ""]
+    out = docs / "performance.md"
+    out.write_text("\n".join(lines))
+    return out

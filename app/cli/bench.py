@@ -1,0 +1,162 @@
+"""``reco bench ingest|search|refine|train|all``: the benchmarks of app/bench, with ``--json``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from app.cli._common import fail, print_json
+
+bench_app = typer.Typer(help="Benchmarks: ingest, search, refine, train, or all (writes docs/performance.md).",
+                        no_args_is_help=True)
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object (the issue's contract).")]
+ImagesOpt = Annotated[Path, typer.Option("--images", help="Folder of JPEGs; the first N sorted by name are used.")]
+DEFAULT_IMAGES = Path(__file__).resolve().parents[3] / "shared" / "data" / "flickr8k" / "images"
+
+
+def _show(result: Any, as_json: bool) -> None:
+    if as_json:
+        print_json(result.model_dump())
+        return
+    for key, value in result.model_dump().items():
+        typer.echo(f"{key}: {value}")
+
+
+@bench_app.command("ingest")
+def ingest(
+    images: ImagesOpt = DEFAULT_IMAGES,
+    n: Annotated[int, typer.Option("--n", min=1, help="Images.")] = 1000,
+    rounds: Annotated[int | None, typer.Option(min=1, help="Interleaved rounds (default 4; --peer: 2).")] = None,
+    batch: Annotated[int, typer.Option(min=1)] = 64,
+    model: Annotated[str, typer.Option(help="open_clip model (random weights unless --pretrained).")] = "ViT-B-32",
+    pretrained: Annotated[str, typer.Option(help="Pretrained tag or checkpoint file.")] = "",
+    peer: Annotated[bool, typer.Option("--peer", help="Instead: `reco ingest` vs clip-retrieval, whole commands "
+                                                      "(~10 min; writes docs/performance/peer.json).")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Full ingest pipeline vs encoder-only on pre-decoded tensors (same run, same images)."""
+    from app.bench.ingest import BenchError
+
+    try:
+        if peer:
+            from app.bench.peer import run_peer_bench
+
+            result: Any = run_peer_bench(images, n, rounds=rounds or 2, batch=batch)
+            _save_peer(result)
+        else:
+            from app.bench.ingest import run_ingest_bench
+
+            result = run_ingest_bench(images, n, model=model, pretrained=pretrained, batch=batch, rounds=rounds or 4)
+    except BenchError as exc:
+        fail(str(exc))
+    _show(result, as_json)
+
+
+def _save_peer(result: Any) -> None:
+    import json
+
+    folder = Path("docs") / "performance"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "peer.json").write_text(json.dumps(result.model_dump() | {"details": result.details}, indent=1,
+                                                 default=str) + "\n")
+
+
+@bench_app.command("search")
+def search(
+    sizes: Annotated[str, typer.Option(help="Comma-separated memory sizes (pairs).")] = "10000,100000,1000000",
+    qdrant_local_max: Annotated[int, typer.Option(help="Largest size run in Qdrant local mode.")] = 100_000,
+    stretch: Annotated[bool, typer.Option("--stretch", help="Instead: 10M pairs in int8 + float rescoring (~15 min, "
+                                                            "~35 GB disk; writes docs/performance/stretch.json).")]
+    = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Exact index vs Qdrant local mode (and server when RECO_QDRANT_URL is set): QPS, p50/p99, recall@10, RSS."""
+    from app.bench.search import run_search_bench
+
+    if stretch:
+        _run_stretch(as_json)
+        return
+
+    try:
+        size_list = [int(s) for s in sizes.split(",") if s.strip()]
+    except ValueError:
+        fail(f"--sizes takes integers, got {sizes!r}")
+    result = run_search_bench(size_list, qdrant_local_max=qdrant_local_max)
+    if as_json:
+        print_json(result.model_dump())
+        return
+    for row in result.results:
+        typer.echo(f"{row.size:>9,} {row.backend:14s} batch {row.batch:3d}: {row.qps:10.1f} QPS  p50 {row.p50_ms:9.2f}"
+                   f" ms  p99 {row.p99_ms:9.2f} ms  recall@10 {row.recall_at_10:.3f}  RSS {row.rss_mb:,.0f} MB")
+
+
+def _run_stretch(as_json: bool) -> None:
+    import json
+
+    from app.bench.stretch import run_stretch_bench
+
+    result = run_stretch_bench()
+    folder = Path("docs") / "performance"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "stretch.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    if as_json:
+        print_json({k: v for k, v in result.items() if k != "machine"})
+        return
+    typer.echo(f"{result['size']:,} pairs int8: recall@10 {result['recall_at_10']}, peak RSS "
+               f"{result['peak_rss_mb'] / 1024:.1f} GiB, load {result['load_s']} s, batch of 64 {result['batch_s']} s")
+
+
+@bench_app.command("refine")
+def refine(
+    images: ImagesOpt = DEFAULT_IMAGES,
+    memory_size: Annotated[int, typer.Option(help="Pairs in the memory.")] = 100_000,
+    n: Annotated[int, typer.Option("--n", min=2, help="Images (requests per mode).")] = 40,
+    dtype: Annotated[str, typer.Option(help="Exact index storage: float32 or float16.")] = "float32",
+    threads: Annotated[int, typer.Option(help="torch threads while timing (0 = torch's default).")] = 1,
+    as_json: JsonOpt = False,
+) -> None:
+    """Image bytes → CLIP top-5 vs RECO top-5 (retrieval + fusion), p50/p99 and RECO's overhead."""
+    from app.bench.refine import run_refine_bench
+
+    if dtype not in ("float32", "float16"):
+        fail("--dtype is float32 or float16")
+    _show(run_refine_bench(images, memory_size=memory_size, n_images=n, dtype=dtype,  # type: ignore[arg-type]
+                           threads=threads or None), as_json)
+
+
+@bench_app.command("train")
+def train(
+    pairs: Annotated[int, typer.Option(min=2)] = 8192,
+    memory_size: Annotated[int, typer.Option()] = 50_000,
+    batch_size: Annotated[int, typer.Option(min=2)] = 1024,
+    epochs: Annotated[int, typer.Option(min=1)] = 2,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fusion training samples/s on cached embeddings (neighbours precomputed in one batched pass)."""
+    from app.bench.train import run_train_bench
+
+    _show(run_train_bench(pairs=pairs, memory_size=memory_size, batch_size=batch_size, epochs=epochs), as_json)
+
+
+@bench_app.command("all")
+def run_all_benchmarks(
+    images: ImagesOpt = DEFAULT_IMAGES,
+    n: Annotated[int, typer.Option("--n", min=2)] = 1000,
+    docs: Annotated[Path, typer.Option(help="Where performance.md and performance/ go.")] = Path("docs"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Every benchmark (~15 min on 2 cores), then regenerate docs/performance.md with tables and plots."""
+    from app.bench.suite import run_all
+
+    results = run_all(images, docs, n=n, log=lambda msg: typer.echo(msg, err=True))
+    if as_json:
+        print_json({key: value.get("result", value) if isinstance(value, dict) else value
+                    for key, value in results.items()})
+        return
+    typer.echo(f"wrote {docs / 'performance.md'} in {results['duration_s'] / 60:.1f} min")
+
+
+def register(cli: typer.Typer) -> None:
+    cli.add_typer(bench_app, name="bench")
