@@ -68,7 +68,7 @@ def open_image_safely(data: bytes, limits: ImageLimits | None = None) -> Image.I
         except Image.DecompressionBombError as exc:
             raise ImageRejected(RejectReason.DECOMPRESSION_BOMB, str(exc)) from exc
         except OSError as exc:
-            if "truncated" in str(exc).lower():
+            if "truncated" in str(exc).lower() or _cut_short(data):
                 raise ImageRejected(RejectReason.TRUNCATED, str(exc)) from exc
             raise ImageRejected(RejectReason.CORRUPT, str(exc)) from exc
         except Exception as exc:  # noqa: BLE001 - decoders raise anything on hostile input; all of it is "corrupt"
@@ -94,16 +94,29 @@ def _open_header(data: bytes, limits: ImageLimits) -> Image.Image:
     except Image.DecompressionBombError as exc:
         raise ImageRejected(RejectReason.DECOMPRESSION_BOMB, str(exc)) from exc
     except UnidentifiedImageError as exc:
+        if _cut_short(data):
+            raise ImageRejected(RejectReason.TRUNCATED, _cut_short_detail(data)) from exc
         if data.startswith(_SIGNATURES):
             raise ImageRejected(RejectReason.CORRUPT, "image signature, but the header cannot be parsed") from exc
         raise ImageRejected(RejectReason.NOT_AN_IMAGE, "not a recognised image format") from exc
     except Exception as exc:  # noqa: BLE001 - header parsers raise anything on hostile input
+        if _cut_short(data):  # WebP decodes at open: a cut file fails here, as "could not create decoder"
+            raise ImageRejected(RejectReason.TRUNCATED, f"{_cut_short_detail(data)} ({exc})") from exc
         reason = RejectReason.TRUNCATED if "truncated" in str(exc).lower() else RejectReason.CORRUPT
         raise ImageRejected(reason, f"{type(exc).__name__}: {exc}") from exc
     if image.format not in ALLOWED_FORMATS:
         image.close()
         raise ImageRejected(RejectReason.UNSUPPORTED, f"format {image.format} is not accepted")
     return image
+
+
+def _cut_short(data: bytes) -> bool:
+    """A RIFF container (WebP) whose header declares more bytes than the file holds was cut short."""
+    return data[:4] == b"RIFF" and data[8:12] == b"WEBP" and int.from_bytes(data[4:8], "little") + 8 > len(data)
+
+
+def _cut_short_detail(data: bytes) -> str:
+    return f"WebP declares {int.from_bytes(data[4:8], 'little') + 8} bytes, the file holds {len(data)}"
 
 
 def _check_geometry(image: Image.Image, limits: ImageLimits) -> None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +26,8 @@ import numpy as np
 
 from app.refine import Refiner
 from app.schemas import Modality, RefineMode
+
+log = logging.getLogger(__name__)
 
 # CLIP's single prompt, and the short ensemble open_clip ships for ImageNet (SIMPLE_IMAGENET_TEMPLATES).
 SINGLE_TEMPLATE: tuple[str, ...] = ("a photo of a {c}.",)
@@ -85,7 +89,12 @@ class ClassEmbeddingCache:
                 self.hits += 1
                 return self._mem[key]
         if self.folder is not None and (self.folder / f"{key}.npy").is_file():
-            value = np.load(self.folder / f"{key}.npy", allow_pickle=False)
+            try:
+                value = np.load(self.folder / f"{key}.npy", allow_pickle=False)
+            except (OSError, ValueError, EOFError) as exc:  # damaged (e.g. by an older non-atomic write): a miss
+                log.warning("ignoring unreadable class-embedding cache %s: %s", key, exc)
+                self.misses += 1
+                return None
             with self._lock:
                 self._mem[key] = value
                 self.hits += 1
@@ -97,8 +106,19 @@ class ClassEmbeddingCache:
         with self._lock:
             self._mem[key] = value
         if self.folder is not None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            np.save(self.folder / f"{key}.npy", value)
+            _save_atomically(self.folder, key, value)
+
+
+def _save_atomically(folder: Path, key: str, value: np.ndarray) -> None:
+    """Write then rename (a reader never sees half a file); a full disk only costs the disk copy."""
+    tmp = folder / f".{key}.{os.getpid()}.{threading.get_ident()}.tmp.npy"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        np.save(tmp, value)
+        os.replace(tmp, folder / f"{key}.npy")
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        log.warning("class embeddings kept in memory only, not written to %s: %s", folder, exc)
 
 
 @dataclass

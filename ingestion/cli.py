@@ -29,6 +29,7 @@ def ingest(
         run_async_cli(source, watch, limit=limit, wait=wait, once=once, as_json=as_json)
         return
     from app.db.repo import MetadataRepo
+    from app.manifest import ManifestError
     from app.services.ingest import job_summary, prepare_storage
     from ingestion.pipeline import ingest_source
     from ingestion.sources import SourceError
@@ -46,7 +47,7 @@ def ingest(
         fail("give a SOURCE (folder or manifest), or --report")
     try:
         summary = ingest_source(source, settings, limit=limit, split=split, progress=not as_json)
-    except SourceError as exc:
+    except (SourceError, ManifestError) as exc:  # the source as a whole is unusable (no 'image' column, ...)
         fail(str(exc))
     _print_summary(summary, as_json)
 

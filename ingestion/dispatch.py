@@ -186,6 +186,7 @@ def run_async_cli(source: Path | None, watch_dir: Path | None, *, limit: int | N
 
     from app.cli._common import fail, load_settings, print_json
     from app.db.session import upgrade_database
+    from app.manifest import ManifestError
     from ingestion.sources import SourceError
     from workers.client import default_sender
 
@@ -213,7 +214,7 @@ def run_async_cli(source: Path | None, watch_dir: Path | None, *, limit: int | N
         if wait:
             ledger = IngestLedger.from_url(settings.resolved_database_url)
             summary = wait_for_job(ledger, summary["job_id"]) | {"submitted": summary["submitted"]}
-    except SourceError as exc:
+    except (SourceError, ManifestError) as exc:
         fail(str(exc))
     keys = ("job_id", "submitted", "seen", "ingested", "duplicates", "failed", "status")
     if as_json:

@@ -45,17 +45,28 @@ def default_sender() -> CeleryTaskSender:
     return CeleryTaskSender(app)
 
 
+class RefineTimeout(TimeoutError):
+    """No refine worker answered in time (none running, or the request was lost with a worker that died)."""
+
+
 class RefineClient:
-    """``predict`` / ``search`` answered by a refine worker (waits ``refine_timeout_s``)."""
+    """``predict`` / ``search`` answered by a refine worker (waits ``refine_timeout_s``, never longer)."""
 
     def __init__(self, app: Celery, timeout_s: float) -> None:
         self.app = app
         self.timeout_s = timeout_s
 
     def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        from celery.exceptions import TimeoutError as ResultTimeout
+
         result = self.app.send_task(name, args=args, kwargs=kwargs)
         try:
             return result.get(timeout=self.timeout_s)
+        except ResultTimeout as exc:  # Celery says only "The operation timed out."
+            raise RefineTimeout(
+                f"no refine worker answered {name} within {self.timeout_s:g} s: is `reco worker --queues refine` "
+                "running and connected to the broker? (a request held by a worker that died is lost; ask again)"
+            ) from exc
         finally:
             result.forget()
 

@@ -40,4 +40,14 @@ _register_all()
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    cli()
+    try:
+        cli()
+    except Exception as exc:
+        # A local Qdrant store held by another process is an operating condition any command may meet
+        # (the message says what to do), not a bug: one line on stderr, exit 2, no traceback.
+        from app.memory.qdrant import MemoryStoreError
+
+        if not isinstance(exc, MemoryStoreError):
+            raise
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        raise SystemExit(2) from None

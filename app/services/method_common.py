@@ -74,12 +74,17 @@ def load_matrices(settings: Settings, memory: QdrantMemory, filters: Filters | N
             return MemoryMatrices(ids=data["ids"].tolist(), image=data["image"], text=data["text"],
                                   image_hashes=data["image_hashes"].tolist(), payloads=payloads)
     matrices = memory.export_matrices(filters=filters)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, ids=np.asarray(matrices.ids, dtype=str), image=matrices.image, text=matrices.text,
-             image_hashes=np.asarray(matrices.image_hashes, dtype=str),
-             payloads=np.asarray([p.model_dump_json() for p in matrices.payloads], dtype=str))
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(tmp, ids=np.asarray(matrices.ids, dtype=str), image=matrices.image, text=matrices.text,
+                 image_hashes=np.asarray(matrices.image_hashes, dtype=str),
+                 payloads=np.asarray([p.model_dump_json() for p in matrices.payloads], dtype=str))
+        tmp.replace(path)
+    except OSError as exc:  # a full disk costs the cache, not the training or evaluation run
+        tmp.unlink(missing_ok=True)
+        log.warning("memory matrices not cached at %s: %s", path, exc)
+        return matrices
     log.info("cached %d memory rows at %s", len(matrices), path)
     return matrices
 

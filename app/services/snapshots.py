@@ -104,7 +104,11 @@ def publish_snapshot(
     index = ExactIndex.from_matrices(live.export_matrices(), dtype=settings.exact_index_dtype, normalise=False)
     stamp = int(time.time() * 1000)
     folder = snapshot_root(settings) / collection / f"{len(index)}-{stamp}"
-    index.save(folder)
+    try:
+        index.save(folder)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)  # a full disk leaves no half-written snapshot behind
+        raise
     info = SnapshotInfo(
         name=f"{collection}/{folder.name}", path=str(folder.resolve()), collection=collection,
         encoder_id=version.encoder_id, model=version.model, pretrained=version.pretrained,
@@ -119,8 +123,12 @@ def publish_snapshot(
 def _write_atomically(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _prune(folder: Path, keep: int) -> None:
