@@ -126,4 +126,6 @@ def test_workers_cover_every_queue_and_the_gpu_worker_reserves_gpus(compose: dic
     assert "profiles" not in services["embed-worker"] and "deploy" not in services["embed-worker"]
     for name in RECO_SERVICES:  # one store for everyone: a Qdrant server, not local mode
         env = services[name]["environment"]
-        assert env["RECO_QDRANT_URL"] == "http://qdrant:6333" and env["RECO_BROKER_URL"].startswith("redis://redis")
+        # overridable from the host's environment (the cluster profile), the single node by default
+        assert env["RECO_QDRANT_URL"] == "${RECO_QDRANT_URL:-http://qdrant:6333}"
+        assert env["RECO_BROKER_URL"].startswith("redis://redis")
