@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -38,7 +38,8 @@ def ingest(
     prepare_storage(settings)
     if report:
         repo = MetadataRepo.from_url(settings.resolved_database_url)
-        job_id = job or (repo.latest_job().id if repo.latest_job() else None)
+        latest = repo.latest_job() if job is None else None
+        job_id = job or (latest.id if latest is not None else None)
         if job_id is None:
             fail("no ingest job yet")
         _print_summary(job_summary(repo, job_id), as_json)
@@ -52,7 +53,7 @@ def ingest(
     _print_summary(summary, as_json)
 
 
-def _print_summary(summary: dict, as_json: bool) -> None:  # type: ignore[type-arg]
+def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print_json({k: summary[k] for k in ("job_id", "seen", "ingested", "duplicates", "failed")}
                    | {"failures": [{"source": f["source"], "reason": f["reason"]} for f in summary["failures"]]})
