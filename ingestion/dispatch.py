@@ -24,11 +24,11 @@ from tqdm import tqdm
 
 from app.db.repo import MetadataRepo
 from app.imaging import ImageLimits
-from app.manifest import InputRow
+from app.manifest import InputRow, ManifestError
 from app.schemas import JobStatus
 from app.services.ingest_ledger import IngestLedger, TaskRef
 from ingestion.decode import Decoded, Rejected, decode_row
-from ingestion.sources import iter_source, source_kind
+from ingestion.sources import SourceError, iter_source, source_kind
 
 if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
@@ -100,6 +100,11 @@ def dispatch_source(
                 next_seq += len(chunk)
                 ledger.save_cursor(cursor.job_id, {"next_seq": next_seq})
                 bar.update(len(chunk))
+    except (SourceError, ManifestError) as exc:
+        # The source itself is unusable (no 'image' column, unreadable file): rerunning will not help, so
+        # the job ends failed with the reason instead of staying "running" for ever.
+        ledger.repo.finish_job(cursor.job_id, JobStatus.FAILED, error=str(exc))
+        raise
     except BaseException as exc:
         log.error("dispatch of %s stopped at row %d (%s): run the same command to resume", path, next_seq, exc)
         raise
@@ -186,8 +191,6 @@ def run_async_cli(source: Path | None, watch_dir: Path | None, *, limit: int | N
 
     from app.cli._common import fail, load_settings, print_json
     from app.db.session import upgrade_database
-    from app.manifest import ManifestError
-    from ingestion.sources import SourceError
     from workers.client import default_sender
 
     settings = load_settings()

@@ -376,3 +376,22 @@ def test_workers_use_fp16_on_cuda_unless_told_otherwise(monkeypatch: pytest.Monk
     assert worker_settings(get_settings(device="cpu")).precision == "fp32"
     monkeypatch.setenv("RECO_PRECISION", "bf16")
     assert worker_settings(get_settings(device="cuda")).precision == "bf16"
+
+
+def test_an_unusable_manifest_ends_its_async_job_failed_with_the_reason(settings: Settings, tmp_path: Path) -> None:
+    """A manifest without an 'image' column cannot be resumed into anything: its job must not stay running."""
+    from app.db.repo import MetadataRepo
+    from app.db.session import upgrade_database
+    from app.manifest import ManifestError
+    from app.schemas import JobStatus
+    from ingestion.sources import SourceError
+
+    upgrade_database(settings.resolved_database_url)
+    manifest = tmp_path / "no_image_column.csv"
+    manifest.write_text("picture,caption\na.jpg,a dog\n")
+    sender = ListSender()
+    with pytest.raises((ManifestError, SourceError)):
+        dispatch_source(manifest, settings, sender, progress=False)
+    job = MetadataRepo.from_url(settings.resolved_database_url).latest_job()
+    assert job is not None and job.status == JobStatus.FAILED and "image" in (job.error or "")
+    assert sender.sent == []

@@ -47,6 +47,9 @@ def start_upload(settings: Settings, name: str, data: bytes) -> None:
     except UploadRejected as exc:
         st.error(components.rejection_message(name, exc.reason, exc.detail))
         return
+    except OSError as exc:  # disk full, permissions on the data dir: the upload is not stored, say why
+        st.error(f"`{printable(name)}` could not be stored on the server: {exc.strerror or exc}")
+        return
     if stored.skipped:
         shown = ", ".join(stored.skipped[:10]) + (" …" if len(stored.skipped) > 10 else "")
         st.info(f"{len(stored.skipped)} archive members skipped (not images, captions or manifests): {shown}")
