@@ -39,6 +39,9 @@ class FailureRecord:
     detail: str | None = None
 
 
+FILTERABLE_ITEM_COLUMNS = frozenset(c.key for c in Item.__table__.columns if c.key != "extra")
+
+
 def _insert_ignore(session: Session, model: type, rows: list[dict[str, Any]], keys: list[str]) -> None:
     """INSERT … ON CONFLICT DO NOTHING on both dialects: re-running an ingestion is idempotent."""
     if not rows:
@@ -161,9 +164,11 @@ class MetadataRepo:
     ) -> tuple[list[Item], int]:
         stmt: Select[Any] = select(Item)
         for key, value in (filters or {}).items():
-            column = getattr(Item, key, None)
-            if column is None or key in {"extra"}:
-                raise ValueError(f"cannot filter items on {key!r}")
+            # only real, scalar columns: getattr on a mapped class would also find methods and the registry
+            if key not in FILTERABLE_ITEM_COLUMNS:
+                allowed = ", ".join(sorted(FILTERABLE_ITEM_COLUMNS))
+                raise ValueError(f"cannot filter items on {key!r} (one of {allowed})")
+            column = getattr(Item, key)
             stmt = stmt.where(column == value)  # bound parameter, never string building
         with self.session() as s:
             total = s.scalar(select(func.count()).select_from(stmt.subquery())) or 0
