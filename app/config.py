@@ -21,6 +21,11 @@ def _default_data_dir() -> Path:
     return Path(user_data_dir("reco-memory-service", appauthor=False))
 
 
+# The committed base encoder (registered in app/encoder/weights.py REGISTERED_TAGS).
+BASE_MODEL = "reco-base"
+BASE_PRETRAINED = "flickr8k_s253k_b128"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RECO_", env_file=None, extra="ignore")
 
@@ -51,10 +56,14 @@ class Settings(BaseSettings):
     result_backend: str | None = None
 
     # --- encoder -----------------------------------------------------------------------------
-    clip_model: str = Field(default="reco-tiny", description="open_clip model name (built-in or reco-*).")
+    # Default: the project's self-trained base (app/encoder/checkpoints/, see its model card), so everything
+    # works offline. A real CLIP wherever weights can be downloaded: RECO_CLIP_MODEL=ViT-B-32
+    # RECO_CLIP_PRETRAINED=laion2b_s34b_b79k.
+    clip_model: str = Field(default=BASE_MODEL, description="open_clip model name (built-in or reco-*).")
     clip_pretrained: str = Field(
-        default="",
-        description="open_clip pretrained tag, a local checkpoint file, or empty for RANDOM weights.",
+        default=BASE_PRETRAINED,
+        description="open_clip pretrained tag, a registered reco tag, a local checkpoint file, or empty for "
+        "RANDOM weights.",
     )
     random_init_seed: int = 0
     device: Device = "auto"

@@ -60,6 +60,42 @@ def _resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+class _DropFactoryNotices(logging.Filter):
+    """open_clip's "initialized partially / randomly" notices: this class checks and reports weights itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("initialized partially" in message or "No pretrained weights loaded" in message)
+
+
+@contextlib.contextmanager
+def _quiet_model_creation() -> Iterator[None]:
+    """Model creation without transformers' per-tensor progress bar and load report (a packaged HF text
+    tower prints both on every load) and without open_clip's notices that :meth:`OpenClipEncoder._load`
+    replaces with its own checks; warnings from anything else still show."""
+    notices = _DropFactoryNotices()
+    root = logging.getLogger()
+    root.addFilter(notices)
+    try:
+        import transformers.utils.logging as hf_logging
+    except ImportError:  # no HF text tower possible
+        try:
+            yield
+        finally:
+            root.removeFilter(notices)
+        return
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        root.removeFilter(notices)
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 class OpenClipEncoder:
     """Lazy: nothing is loaded until the first call that needs the model (thread-safe)."""
 
@@ -172,7 +208,7 @@ class OpenClipEncoder:
             model, preprocess = self._load_open_clip_tag()
         else:
             # Seeded so that random-init encoders are identical in every process (CLI, workers, UI).
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), _quiet_model_creation():
                 torch.manual_seed(self.seed)
                 model, _, preprocess = open_clip.create_model_and_transforms(
                     self.model_name, pretrained=None, device="cpu"

@@ -9,9 +9,15 @@ from pathlib import Path
 
 import torch
 
-# (model, tag) -> file relative to this folder and its sha256. Issue "base model" adds entries.
+# (model, tag) -> file relative to PRETRAINED_DIR and its sha256: the project's own trained weights, named
+# like open_clip's tags (data_samples_batch). Each file has a .json report and a .md model card beside it.
 PRETRAINED_DIR = Path(__file__).with_name("checkpoints")
-REGISTERED_TAGS: dict[tuple[str, str], tuple[str, str]] = {}
+REGISTERED_TAGS: dict[tuple[str, str], tuple[str, str]] = {
+    ("reco-base", "flickr8k_s253k_b128"): (
+        "reco-base-flickr8k_s253k_b128.safetensors",
+        "ebed39191632a62d139ddfca61d4adaf07936b11ce0cb0d41f84ad284ed58dc7",
+    ),
+}
 
 
 class UnsafeCheckpointError(RuntimeError):

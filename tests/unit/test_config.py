@@ -13,7 +13,10 @@ def test_defaults_are_embedded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     s = get_settings()
     assert s.resolved_database_url == f"sqlite:///{tmp_path / 'reco.db'}"
     assert s.resolved_qdrant_path == str(tmp_path / "qdrant")
-    assert s.is_random_init
+    # the committed, registered base encoder: offline and never random by default
+    from app.encoder.weights import REGISTERED_TAGS
+
+    assert not s.is_random_init and (s.clip_model, s.clip_pretrained) in REGISTERED_TAGS
 
 
 def test_env_switches_to_servers(monkeypatch: pytest.MonkeyPatch) -> None:
