@@ -25,6 +25,10 @@ def test_demo_runs_offline_and_reports_clip_vs_reco(tmp_path: Path) -> None:
     modes = {r["mode"] for r in result["evaluation"]["results"] if r["metric"] == "top1"}
     assert modes == {"clip", "image", "text", "both"}
     assert all(0.0 <= r["value"] <= 1.0 for r in result["evaluation"]["results"])
+    # the committed base encoder, not random weights; and the demo's point: the sample's memory helps
+    assert result["encoder"]["random_weights"] is False and result["encoder"]["model"] == "reco-base"
+    top1 = {r["mode"]: r["value"] for r in result["evaluation"]["results"] if r["metric"] == "top1"}
+    assert max(top1["text"], top1["both"]) > top1["clip"] + 0.05, top1
     assert Path(result["checkpoint"]["path"]).is_file()
     # idempotent second run: nothing re-ingested, the checkpoint is reused, not retrained
     again = subprocess.run([sys.executable, "-m", "app.cli", "demo", "--no-ui", "--json"], cwd=ROOT, env=env,
