@@ -61,6 +61,7 @@ def test_manifest_with_corpus_records_every_bad_row(service: IngestService, sett
 def test_cli_ingest_json_and_report(settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RECO_DATA_DIR", str(settings.data_dir))
     monkeypatch.setenv("RECO_CLIP_MODEL", "reco-tiny")
+    monkeypatch.setenv("RECO_CLIP_PRETRAINED", "")
     cases = make_corpus(tmp_path / "corpus")
     runner = CliRunner()
     result = runner.invoke(cli, ["ingest", str(tmp_path / "corpus"), "--json"])

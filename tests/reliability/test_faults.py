@@ -157,7 +157,8 @@ def test_qdrant_store_opened_by_a_second_process(
     service = IngestService(settings, encoder=tiny_encoder)
     first = ingest_source(flickr_manifest(SHARED_DATA, tmp_path / "a", 20), settings, service=service,
                           progress=False)
-    env = {"RECO_DATA_DIR": str(settings.data_dir), "RECO_CLIP_MODEL": "reco-tiny", "HF_HUB_OFFLINE": "1"}
+    env = {"RECO_DATA_DIR": str(settings.data_dir), "RECO_CLIP_MODEL": "reco-tiny",
+           "RECO_CLIP_PRETRAINED": "", "HF_HUB_OFFLINE": "1"}
     second = flickr_manifest(SHARED_DATA, tmp_path / "b", 40)
     result = _reco(["ingest", str(second), "--json"], env)  # a second process tries to write
     assert result.returncode == 2, result.stderr[-2000:]
@@ -198,7 +199,8 @@ def test_reembed_killed_halfway_resumes(
     ingest_source(flickr_manifest(SHARED_DATA, tmp_path / "f", n), settings, service=service, progress=False)
     repo, old = service.repo, service.encoder_id
     close_qdrant_clients()  # the store is the re-embedding process's now
-    env = {"RECO_DATA_DIR": str(settings.data_dir), "RECO_CLIP_MODEL": "reco-tiny", "HF_HUB_OFFLINE": "1",
+    env = {"RECO_DATA_DIR": str(settings.data_dir), "RECO_CLIP_MODEL": "reco-tiny",
+           "RECO_CLIP_PRETRAINED": "", "HF_HUB_OFFLINE": "1",
            "RECO_REEMBED_BATCH_SIZE": "10", "RECO_DEVICE": "cpu"}
     new = "reco-tiny/random/s1"
     run = subprocess.Popen([*RECO, "reembed", "--model", "reco-tiny", "--pretrained", "", "--seed", "1", "--json"],

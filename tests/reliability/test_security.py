@@ -268,7 +268,8 @@ def secret_env(tmp_path: Path, postgres_url: str) -> Iterator[dict[str, str]]:
     db_url = make_url(postgres_url).set(password=DB_PASSWORD).render_as_string(hide_password=False)
     try:
         yield {"RECO_DATA_DIR": str(tmp_path / "data"), "RECO_DATABASE_URL": db_url, "RECO_QDRANT_API_KEY": API_KEY,
-               "RECO_BROKER_URL": redis_server.url, "RECO_CLIP_MODEL": "reco-tiny", "HF_HUB_OFFLINE": "1"}
+               "RECO_BROKER_URL": redis_server.url, "RECO_CLIP_MODEL": "reco-tiny",
+               "RECO_CLIP_PRETRAINED": "", "HF_HUB_OFFLINE": "1"}
     finally:
         redis_server.stop()
 
