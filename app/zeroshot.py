@@ -40,8 +40,31 @@ CLIP_SHORT_TEMPLATES: tuple[str, ...] = (
     "art of the {c}.",
     "a photo of the small {c}.",
 )
-TEMPLATE_SETS: dict[str, tuple[str, ...]] = {"single": SINGLE_TEMPLATE, "clip-short": CLIP_SHORT_TEMPLATES}
+# Worded like the captioned memory rows of ../shared/data ("a photo of a <class>, a type of bird."), so
+# text->text search from a class prompt lands on the memory pairs of that class (issue 5).
+CAPTION_LIKE_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "caption-like": ("a photo of a {c}.",),
+    "caption-like-bird": ("a photo of a {c}, a type of bird.",),
+    "caption-like-flower": ("a photo of a {c}, a type of flower.",),
+}
+TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
+    "single": SINGLE_TEMPLATE, "clip-short": CLIP_SHORT_TEMPLATES, **CAPTION_LIKE_TEMPLATES,
+}
 DEFAULT_TEMPLATES = "clip-short"
+
+
+def caption_like_set(domain: str | None) -> str:
+    """The caption-like template set for a domain hint ("bird", "flower") or none."""
+    name = f"caption-like-{domain}" if domain else "caption-like"
+    return name if name in TEMPLATE_SETS else "caption-like"
+
+
+def _named_ensemble(name: str) -> tuple[str, ...] | None:
+    """``"clip-short+caption-like-bird"``: named sets joined by '+' form one prompt ensemble."""
+    parts = name.split("+")
+    if len(parts) < 2 or not all(p in TEMPLATE_SETS for p in parts):
+        return None
+    return tuple(dict.fromkeys(t for p in parts for t in TEMPLATE_SETS[p]))
 
 
 class TextEncoder(Protocol):
@@ -52,11 +75,14 @@ class TextEncoder(Protocol):
 
 
 def resolve_templates(templates: str | Sequence[str] | Path | None) -> tuple[str, ...]:
-    """A named set, a file (one template per line, ``{c}`` = class name), or the templates themselves."""
+    """A named set (or sets joined by '+'), a file (one template per line, ``{c}`` = class name), or the
+    templates themselves."""
     if templates is None:
         return TEMPLATE_SETS[DEFAULT_TEMPLATES]
     if isinstance(templates, str) and templates in TEMPLATE_SETS:
         return TEMPLATE_SETS[templates]
+    if isinstance(templates, str) and (ensemble := _named_ensemble(templates)) is not None:
+        return ensemble
     if isinstance(templates, str | Path):
         if not Path(templates).is_file():
             raise ValueError(f"unknown template set {templates!r}; known: {sorted(TEMPLATE_SETS)} or a file")

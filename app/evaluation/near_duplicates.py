@@ -1,7 +1,8 @@
 """Remove near-duplicates of the evaluation images from the memory before evaluating (paper Sec. 4).
 
-A memory row goes when its image has the same content hash as an evaluation image, or when its image
-embedding has cosine above a threshold with any evaluation image. The threshold is given, or
+A memory row goes when its image has the same content hash as an evaluation image, when its perceptual
+hash (64-bit dHash, optional) is within a few bits of one, or when its image embedding has cosine above
+a threshold with any evaluation image. The threshold is given, or
 calibrated from the encoder's own similarity distribution: a high percentile of the nearest-neighbour
 similarity between *distinct* memory images, i.e. closer than almost any two different images of the
 memory are to each other. All rows of a removed image go (its captions share the image).
@@ -14,11 +15,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 
 from app.memory.exact import SCORE_BUDGET, ExactIndex
 from app.schemas import Modality
 
 DEFAULT_PERCENTILE = 99.5
+DEFAULT_DHASH_DISTANCE = 4  # of 64 bits: a re-encoded or resized copy stays within it, other photos rarely
 
 
 @dataclass
@@ -26,9 +29,31 @@ class NearDuplicateRemoval:
     index: ExactIndex  # the memory without the removed rows
     removed: int  # memory rows removed (hash or embedding)
     by_hash: int
-    by_embedding: int
+    by_embedding: int  # removed by the embedding rule and by neither hash rule
     threshold: float
     calibrated: bool
+    by_perceptual_hash: int = 0  # removed by the dHash rule and not by the content hash
+
+
+def dhash(image: Image.Image, size: int = 8) -> int:
+    """Difference hash: grey ``(size+1) x size`` thumbnail, one bit per left-right brightness step."""
+    grey = np.asarray(image.convert("L").resize((size + 1, size), Image.Resampling.LANCZOS), np.int16)
+    bits = (grey[:, 1:] > grey[:, :-1]).reshape(-1)
+    return int(np.packbits(bits).view(">u8")[0]) if size == 8 else int("".join("1" if b else "0" for b in bits), 2)
+
+
+def perceptual_matches(memory_hashes: np.ndarray, eval_hashes: np.ndarray, max_distance: int) -> np.ndarray:
+    """(n_memory,) bool: within ``max_distance`` bits of any evaluation image's dHash."""
+    memory_hashes = np.asarray(memory_hashes, np.uint64)
+    targets = np.unique(np.asarray(eval_hashes, np.uint64))
+    out = np.zeros(len(memory_hashes), bool)
+    if len(targets) == 0:
+        return out
+    step = max(1, (1 << 22) // len(targets))
+    for start in range(0, len(memory_hashes), step):
+        block = memory_hashes[start: start + step, None] ^ targets[None, :]
+        out[start: start + step] = (np.bitwise_count(block) <= max_distance).any(axis=1)
+    return out
 
 
 def calibrate_threshold(
@@ -70,19 +95,29 @@ def remove_near_duplicates(
     *,
     threshold: float | None = None,
     percentile: float = DEFAULT_PERCENTILE,
+    memory_dhashes: np.ndarray | None = None,
+    eval_dhashes: np.ndarray | None = None,
+    dhash_distance: int = DEFAULT_DHASH_DISTANCE,
 ) -> NearDuplicateRemoval:
+    """``memory_dhashes`` (row-aligned with the index) and ``eval_dhashes`` switch the perceptual rule on."""
     calibrated = threshold is None
     if threshold is None:
         threshold = calibrate_threshold(index, percentile=percentile)
     wanted = set(eval_image_hashes)
     same_hash = np.fromiter((h in wanted for h in index.image_hashes), bool, len(index))
+    perceptual = np.zeros(len(index), bool)
+    if memory_dhashes is not None and eval_dhashes is not None:
+        if len(memory_dhashes) != len(index):
+            raise ValueError("memory_dhashes must be row-aligned with the index")
+        perceptual = perceptual_matches(memory_dhashes, eval_dhashes, dhash_distance)
     similar = _max_similarity(index, eval_images) > threshold
-    drop = same_hash | similar
+    drop = same_hash | perceptual | similar
     # every caption row of a dropped image goes too
     drop |= np.isin(index.image_codes, index.image_codes[drop])
     kept = np.flatnonzero(~drop)
     return NearDuplicateRemoval(
         index=index if len(kept) == len(index) else index.subset(kept),
-        removed=int(drop.sum()), by_hash=int(same_hash.sum()), by_embedding=int((similar & ~same_hash).sum()),
-        threshold=float(threshold), calibrated=calibrated,
+        removed=int(drop.sum()), by_hash=int(same_hash.sum()),
+        by_embedding=int((similar & ~same_hash & ~perceptual).sum()),
+        threshold=float(threshold), calibrated=calibrated, by_perceptual_hash=int((perceptual & ~same_hash).sum()),
     )

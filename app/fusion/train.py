@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -31,6 +31,10 @@ from app.schemas import Modality
 
 log = logging.getLogger(__name__)
 
+SelfExclusion = Literal["pair", "image", "near-duplicates"]
+SELF_EXCLUSION_POLICIES: tuple[str, ...] = ("pair", "image", "near-duplicates")
+NEAR_DUPLICATE_FETCH = 64  # near-copies looked for per training image (more than any image has here)
+
 
 @dataclass(frozen=True)
 class TrainOptions:
@@ -45,6 +49,11 @@ class TrainOptions:
     seed: int = 0
     query_dropout: float = 0.0  # probability of hiding the query token from the fusion during training
     gated_init: bool = False  # start every fusion module at mean fusion (learned gate, initialised to 0)
+    # What a training query may not retrieve: its own pair ("pair"), every row of its image ("image", the
+    # default: exact duplicates), or also memory images whose image cosine with it exceeds
+    # ``near_duplicate_threshold`` ("near-duplicates"; the paper does this for test images only).
+    self_exclusion: SelfExclusion = "image"
+    near_duplicate_threshold: float | None = None
     device: str = "cpu"
     threads: int | None = None  # CPU threads while training; None = torch's. Tiny models run best on one.
     progress: bool = True
@@ -88,12 +97,38 @@ class TrainResult:
     sha256: str | None = None
 
 
-def precompute_neighbours(
-    index: ExactIndex, pairs: TrainingPairs, k: int, cfg: RetrievalCfg
-) -> tuple[Neighbours, Neighbours]:
-    """Neighbours of every image query and every text query, own item and image excluded."""
+def near_duplicate_hashes(index: ExactIndex, images: np.ndarray, threshold: float) -> list[list[str]]:
+    """Per query image: hashes of memory images whose image cosine with it is above ``threshold``."""
+    fetch = min(len(index), NEAR_DUPLICATE_FETCH * index.max_rows_per_image)
+    scores, rows = index.knn(images, Modality.IMAGE, fetch)
+    return [sorted({index.image_hashes[r] for r, s in zip(row, score, strict=True) if r >= 0 and s > threshold})
+            for row, score in zip(rows, scores, strict=True)]
+
+
+def exclusion_lists(
+    index: ExactIndex, pairs: TrainingPairs, policy: str = "image", threshold: float | None = None
+) -> tuple[list[list[str]] | None, list[list[str]] | None]:
+    """(ids, image hashes) each training query must not retrieve under a self-exclusion policy."""
+    if policy not in SELF_EXCLUSION_POLICIES:
+        raise ValueError(f"self-exclusion must be one of {SELF_EXCLUSION_POLICIES}, got {policy!r}")
     exclude_ids = [[i] for i in pairs.ids] if pairs.ids is not None else None
-    exclude_hashes = [[h] for h in pairs.image_hashes] if pairs.image_hashes is not None else None
+    if policy == "pair" or pairs.image_hashes is None:
+        return exclude_ids, None
+    exclude_hashes = [[h] for h in pairs.image_hashes]
+    if policy == "near-duplicates":
+        if threshold is None:
+            raise ValueError("self-exclusion 'near-duplicates' needs near_duplicate_threshold")
+        near = near_duplicate_hashes(index, pairs.image, threshold)
+        exclude_hashes = [sorted({*own, *extra}) for own, extra in zip(exclude_hashes, near, strict=True)]
+    return exclude_ids, exclude_hashes
+
+
+def precompute_neighbours(
+    index: ExactIndex, pairs: TrainingPairs, k: int, cfg: RetrievalCfg,
+    *, self_exclusion: str = "image", near_duplicate_threshold: float | None = None,
+) -> tuple[Neighbours, Neighbours]:
+    """Neighbours of every image query and every text query, own item and image excluded (by default)."""
+    exclude_ids, exclude_hashes = exclusion_lists(index, pairs, self_exclusion, near_duplicate_threshold)
     image_nb = find_neighbours(index, pairs.image, Modality.IMAGE, k, cfg,
                                exclude_ids=exclude_ids, exclude_image_hashes=exclude_hashes)
     text_nb = find_neighbours(index, pairs.text, Modality.TEXT, k, cfg,
@@ -204,8 +239,13 @@ def train_fusion(
     encoder_id: str,
     memory_version: str | None = None,
     checkpoint_path: Path | None = None,
+    neighbours: tuple[Neighbours, Neighbours] | None = None,
 ) -> TrainResult:
-    """Train phi_image, phi_text and the temperature; write a checkpoint when a path is given."""
+    """Train phi_image, phi_text and the temperature; write a checkpoint when a path is given.
+
+    ``neighbours``: rows from :func:`precompute_neighbours` with these options, when the caller
+    already has them (several fusions trained on the same pairs and memory share one search).
+    """
     if len(pairs) < 2:
         raise ValueError("training needs at least two pairs (a contrastive batch needs negatives)")
     started = time.perf_counter()
@@ -215,7 +255,12 @@ def train_fusion(
         torch.manual_seed(options.seed)
         model = RecoFusion(cfg, index.dim).to(device)
     init_scale = float(model.logit_scale.detach())
-    neighbours = precompute_neighbours(index, pairs, options.k, options.retrieval)
+    if neighbours is None:
+        neighbours = precompute_neighbours(index, pairs, options.k, options.retrieval,
+                                           self_exclusion=options.self_exclusion,
+                                           near_duplicate_threshold=options.near_duplicate_threshold)
+    elif len(neighbours[0].rows) != len(pairs) or neighbours[0].rows.shape[1] != options.k:
+        raise ValueError("precomputed neighbours do not match the training pairs and k")
     with _cpu_threads(options.threads):
         fit = _fit(model, _Batches(index, pairs, neighbours, options.retrieval, device), len(pairs), options)
     metrics = {
