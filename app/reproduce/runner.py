@@ -405,23 +405,17 @@ def neighbour_attention(ws: Workspace, model: RecoFusion, variant: Variant) -> l
     """Mean attention of the query on its neighbours (1 - on itself), per memory and query kind."""
     out = []
     retrieval = RetrievalCfg(variant.search, variant.fusion, variant.dedupe_by_image)
+    queries = [(zs.image_emb, Modality.IMAGE, f"{zs.dataset} test images")
+               for zs in ws.zero_shot if zs.split == "test" and len(zs.image_emb)]
+    queries += [(rs.text_emb, Modality.TEXT, f"{rs.dataset} test captions")
+                for rs in ws.retrieval if rs.split == "test" and len(rs.text_emb)]
     for memory, clean in ws.memories.items():
         refiner = CachedRefiner(model, clean.index, ws.neighbours, k=variant.k, retrieval=retrieval)
-        for zs in ws.zero_shot:
-            if zs.split != "test" or len(zs.image_emb) == 0:
-                continue
-            rows = ws.neighbours.rows(clean.index, zs.image_emb, Modality.IMAGE, variant.k, retrieval)
-            emb, valid = gather_embeddings(clean.index, rows, retrieval.fused(Modality.IMAGE))
-            _, attention = refiner._fuse(zs.image_emb, emb, Modality.IMAGE, valid)
-            out.append({"memory": memory, "queries": f"{zs.dataset} test images",
-                        "neighbour_attention": float(1.0 - attention[:, 0].mean())})
-        for rs in ws.retrieval:
-            if rs.split != "test" or len(rs.text_emb) == 0:
-                continue
-            rows = ws.neighbours.rows(clean.index, rs.text_emb, Modality.TEXT, variant.k, retrieval)
-            emb, valid = gather_embeddings(clean.index, rows, retrieval.fused(Modality.TEXT))
-            _, attention = refiner._fuse(rs.text_emb, emb, Modality.TEXT, valid)
-            out.append({"memory": memory, "queries": f"{rs.dataset} test captions",
+        for query_emb, modality, label in queries:
+            rows = ws.neighbours.rows(clean.index, query_emb, modality, variant.k, retrieval)
+            emb, valid = gather_embeddings(clean.index, rows, retrieval.fused(modality))
+            _, attention = refiner._fuse(query_emb, emb, modality, valid)
+            out.append({"memory": memory, "queries": label,
                         "neighbour_attention": float(1.0 - attention[:, 0].mean())})
     return out
 

@@ -9,7 +9,6 @@ printed by ``pytest_terminal_summary`` and written to ``test-artifacts/reliabili
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -132,22 +131,9 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
 
 @pytest.fixture
 def restartable_postgres_url(postgres_server_url: str) -> Iterator[str]:
-    """A fresh database like ``postgres_url``'s, dropped through a connection opened after the restart
-    (the shared fixture keeps a pooled admin connection, which the restart kills)."""
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.pool import NullPool
+    """A fresh database like ``postgres_url``'s, dropped only once PostgreSQL is back up (the fault tests
+    restart it)."""
+    from tests.fixtures.postgres import fresh_database
 
-    name = f"reco_test_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(postgres_server_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(postgres_server_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        from app.db.session import get_engine
-
-        get_engine.cache_clear()
-        ensure_postgres_running()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with fresh_database(postgres_server_url, before_drop=ensure_postgres_running) as url:
+        yield url
