@@ -11,11 +11,13 @@ Weights come from (in this order of interpretation of ``pretrained``):
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import re
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -76,24 +78,23 @@ def _quiet_model_creation() -> Iterator[None]:
     notices = _DropFactoryNotices()
     root = logging.getLogger()
     root.addFilter(notices)
+    hf_logging: ModuleType | None
     try:
-        import transformers.utils.logging as hf_logging
-    except ImportError:  # no HF text tower possible
-        try:
-            yield
-        finally:
-            root.removeFilter(notices)
-        return
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+        hf_logging = importlib.import_module("transformers.utils.logging")
+    except ImportError:  # no transformers: no HF text tower to quieten
+        hf_logging = None
+    if hf_logging is not None:
+        verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         root.removeFilter(notices)
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
+        if hf_logging is not None:
+            hf_logging.set_verbosity(verbosity)
+            if bars:
+                hf_logging.enable_progress_bar()
 
 
 class OpenClipEncoder:
