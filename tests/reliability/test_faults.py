@@ -113,6 +113,10 @@ def test_postgres_restart_mid_ingestion(
     reliability: ReliabilitySummary,
 ) -> None:
     stack = make_stack(tmp_path, restartable_postgres_url, shared_redis_broker(redis_url), monkeypatch)
+    # Small batches and enough rows that ingestion outlasts the restart by seconds: with 64-row batches the
+    # worker once finished all 147 rows before the cluster went down (a restart that tested nothing).
+    stack.env["RECO_EMBED_MAX_BATCH"] = "16"
+    monkeypatch.setenv("RECO_EMBED_MAX_BATCH", "16")
     try:
         _postgres_restart_mid_ingestion(stack, tmp_path, reliability)
     finally:
@@ -123,21 +127,24 @@ def test_postgres_restart_mid_ingestion(
 def _postgres_restart_mid_ingestion(stack: Stack, tmp_path: Path, reliability: ReliabilitySummary) -> None:
     settings = get_settings()
     ledger = _ledger(settings)
-    manifest, expected = mixed_manifest(tmp_path / "mixed", 100)
+    manifest, expected = mixed_manifest(tmp_path / "mixed", 250)
     stack.worker("embed,maintenance", "embed")
     stack.beat()
     job_id = dispatch_source(manifest, settings, _sender(settings), progress=False)["job_id"]
     try:
         wait_until(lambda: _done(ledger, job_id) >= 32, 120, "two batches done")
         at_restart = _done(ledger, job_id)
+        assert at_restart < len(expected) - 100, "the restart must land mid-ingestion (rows left to do)"
         outage_s = restart_postgres()  # cuts every connection: the worker's batch fails mid-way, is retried
     finally:
         ensure_postgres_running()
     wait_until(lambda: _safely(lambda: _done(ledger, job_id)) >= 0, 60, "the database answering again")
     after = _done(ledger, job_id)
-    assert at_restart <= after < len(expected), "the restart must land mid-ingestion (rows left to do after it)"
+    assert at_restart <= after, "rows recorded done before the restart stay done"
     wait_until(lambda: _safely(lambda: ledger.repo.get_job(job_id).status) == "completed", 240, "job completed")
     stack.stop_all()
+    worker_log = "".join(p.read_text(errors="replace") for p in stack.logs.glob("embed-*.log"))
+    assert "transient OperationalError" in worker_log, "the worker must have met the outage mid-ingestion"
     check_async_counts(settings, job_id, expected, reliability, "async: PostgreSQL restart",
                        ["PostgreSQL restart mid-ingestion"],
                        {"done_at_restart": at_restart, "done_after": after, "restart_s": round(outage_s, 1)})
