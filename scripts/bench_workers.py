@@ -5,7 +5,8 @@
 
 Needs Redis (broker) and, by default, PostgreSQL (one fresh database per path, dropped afterwards;
 ``--sqlite`` uses SQLite files instead). Both paths ingest the same N Flickr8k images (one caption
-each) with the configured encoder (default ``reco-tiny``, random weights: mechanics, not accuracy) into
+each) with the configured encoder (``RECO_CLIP_MODEL`` / ``RECO_CLIP_PRETRAINED``; default the committed base
+``reco-base``, named in the JSON as ``encoder``) into
 Qdrant local mode, on whatever device ``RECO_DEVICE`` resolves to. Throughput counts from the first row
 read to the last row embedded, model loading excluded (both load it before the clock starts).
 Refine latency: a ``refine`` worker serving the async path's memory (published snapshot, a 1-epoch
@@ -220,6 +221,7 @@ def main() -> None:
             import torch
 
             result["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+            result["encoder"] = f"{settings_b.clip_model}/{settings_b.clip_pretrained or 'random'}"
         finally:
             drop_databases(args)
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
