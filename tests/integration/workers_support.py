@@ -231,11 +231,15 @@ def worker_env(data_dir: Path, database_url: str, broker_url: str) -> dict[str, 
     }
 
 
-def make_stack(tmp_path: Path, postgres_url: str, broker_url: str, monkeypatch: pytest.MonkeyPatch) -> Stack:
-    """The same RECO_* settings for this process (monkeypatched env) and the worker processes."""
+def make_stack(
+    tmp_path: Path, postgres_url: str, broker_url: str, monkeypatch: pytest.MonkeyPatch,
+    overrides: dict[str, str] | None = None,
+) -> Stack:
+    """The same RECO_* settings for this process (monkeypatched env) and the worker processes;
+    ``overrides`` replace or add some of them for one test."""
     from app.db.session import upgrade_database
 
-    env = worker_env(tmp_path / "reco-data", postgres_url, broker_url)
+    env = worker_env(tmp_path / "reco-data", postgres_url, broker_url) | (overrides or {})
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     upgrade_database(postgres_url)

@@ -59,6 +59,8 @@ from tests.reliability.reliability_support import (
 
 pytestmark = pytest.mark.slow
 
+SMALL_BATCHES = {"RECO_EMBED_MAX_BATCH": "16"}  # the embed worker's micro-batches, for faults mid-ingestion
+
 
 def _safely(fn: Any, default: int = -1) -> Any:
     """For polling while a service is down: an error reads as ``default``."""
@@ -75,9 +77,8 @@ def test_embed_worker_sigkill_and_redis_restart_with_bad_rows(
 ) -> None:
     redis_server = PrivateRedis(tmp_path)
     redis_server.start()
-    stack = make_stack(tmp_path, postgres_url, redis_server.url, monkeypatch)
-    stack.env["RECO_EMBED_MAX_BATCH"] = "16"  # more, smaller batches: both faults land mid-ingestion
-    monkeypatch.setenv("RECO_EMBED_MAX_BATCH", "16")
+    # More, smaller batches: both faults land mid-ingestion.
+    stack = make_stack(tmp_path, postgres_url, redis_server.url, monkeypatch, SMALL_BATCHES)
     try:
         settings = get_settings()
         ledger = _ledger(settings)
@@ -112,11 +113,10 @@ def test_postgres_restart_mid_ingestion(
     tmp_path: Path, restartable_postgres_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch,
     reliability: ReliabilitySummary,
 ) -> None:
-    stack = make_stack(tmp_path, restartable_postgres_url, shared_redis_broker(redis_url), monkeypatch)
     # Small batches and enough rows that ingestion outlasts the restart by seconds: with 64-row batches the
     # worker once finished all 147 rows before the cluster went down (a restart that tested nothing).
-    stack.env["RECO_EMBED_MAX_BATCH"] = "16"
-    monkeypatch.setenv("RECO_EMBED_MAX_BATCH", "16")
+    stack = make_stack(tmp_path, restartable_postgres_url, shared_redis_broker(redis_url), monkeypatch,
+                       SMALL_BATCHES)
     try:
         _postgres_restart_mid_ingestion(stack, tmp_path, reliability)
     finally:
