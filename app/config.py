@@ -23,7 +23,7 @@ def _default_data_dir() -> Path:
 
 # The committed base encoder (registered in app/encoder/weights.py REGISTERED_TAGS).
 BASE_MODEL = "reco-base"
-BASE_PRETRAINED = "flickr8k_s253k_b128"
+BASE_PRETRAINED = "flickr8k_s229k_b128_r128"
 
 
 class Settings(BaseSettings):

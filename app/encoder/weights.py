@@ -13,9 +13,9 @@ import torch
 # like open_clip's tags (data_samples_batch). Each file has a .json report and a .md model card beside it.
 PRETRAINED_DIR = Path(__file__).with_name("checkpoints")
 REGISTERED_TAGS: dict[tuple[str, str], tuple[str, str]] = {
-    ("reco-base", "flickr8k_s253k_b128"): (
-        "reco-base-flickr8k_s253k_b128.safetensors",
-        "ebed39191632a62d139ddfca61d4adaf07936b11ce0cb0d41f84ad284ed58dc7",
+    ("reco-base", "flickr8k_s229k_b128_r128"): (
+        "reco-base-flickr8k_s229k_b128_r128.safetensors",
+        "d8a378a36bbd49bc8ef818768035ba17550932923e285f9a7beaf23878bf3b56",
     ),
 }
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from app.pretrain.train import PretrainConfig, lr_at
+
 DATA_TERMS = (
     "Flickr8k (Hodosh, Young & Hockenmaier, JAIR 2013), train split only (6,074 images × 5 captions; "
     "split by sha1 of the file name, see `../shared/data/flickr8k/SOURCE.md`). Terms: research use only; the "
@@ -71,6 +73,7 @@ def render_model_card(report: dict[str, Any], *, model: str, tag: str, command: 
         f"{report['torch']}, {report['torch_threads']} threads), not counting the one-off caches (decoded images, "
         "frozen caption features). The two cores were shared with other engineers' jobs, so wall times are noisy "
         "and a rerun may take longer or shorter; the schedule is fixed by epochs, not by time.",
+        *_stopped_early_line(report),
         f"- Loss per epoch: {report['epoch_losses']}",
         "",
         "## Figures (measured on the exported file through `OpenClipEncoder`, fp32, CPU)",
@@ -79,3 +82,18 @@ def render_model_card(report: dict[str, Any], *, model: str, tag: str, command: 
         "",
     ]
     return "\n".join(lines)
+
+
+def _stopped_early_line(report: dict[str, Any]) -> list[str]:
+    """A run cut by the time cap is a different model from the full schedule: say where it stopped."""
+    if not report.get("stopped_early"):
+        return []
+    cfg = report["config"]
+    planned = max(1, report["train_images"] // cfg["batch_size"]) * cfg["epochs"]  # as train_base_model plans it
+    lr_left = lr_at(report["steps"], planned, PretrainConfig(lr=1.0, warmup_steps=cfg["warmup_steps"]))
+    return [
+        f"- **Stopped by the {cfg['max_minutes']:g}-minute cap** after {report['steps']:,} of {planned:,} planned "
+        f"steps, with the cosine schedule at {lr_left:.1%} of its peak learning rate: on this (slower) run the cap, "
+        "not the epoch count, ended training; a faster machine runs the whole schedule and gives a slightly "
+        "different file (same recipe and seed)."
+    ]

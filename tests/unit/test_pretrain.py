@@ -177,6 +177,22 @@ def test_default_recipe_is_the_committed_one() -> None:
         assert json.loads(json.dumps(committed_recipe().as_dict())) == recorded
 
 
+def test_committed_card_is_rendered_from_its_report_and_names_tag_and_cap() -> None:
+    """The card is the report rendered (no hand edits); the tag says resolution and samples seen; a run the
+    time cap cut short says so."""
+    from app.pretrain import tag_for
+    from app.pretrain.card import render_model_card
+    from app.pretrain.model import image_size_of
+
+    for (model, tag), (rel, _) in REGISTERED_TAGS.items():
+        report = json.loads((PRETRAINED_DIR / rel).with_suffix(".json").read_text())
+        assert tag_for(report) == tag and report["image_size"] == image_size_of(model)
+        card = (PRETRAINED_DIR / rel).with_suffix(".md").read_text()
+        command = card.split("- Command: `", 1)[1].split("`", 1)[0]
+        assert render_model_card(report, model=model, tag=tag, command=command) == card
+        assert ("Stopped by the" in card) == report["stopped_early"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("model", "tag"), sorted(REGISTERED_TAGS))
 def test_committed_checkpoint_keeps_its_flickr8k_figures(model: str, tag: str, shared_data_dir: Path) -> None:
