@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.pretrain.train import PretrainConfig, lr_at
+from app.pretrain.train import PretrainConfig, lr_at, planned_steps
 
 DATA_TERMS = (
     "Flickr8k (Hodosh, Young & Hockenmaier, JAIR 2013), train split only (6,074 images × 5 captions; "
@@ -89,7 +89,7 @@ def _stopped_early_line(report: dict[str, Any]) -> list[str]:
     if not report.get("stopped_early"):
         return []
     cfg = report["config"]
-    planned = max(1, report["train_images"] // cfg["batch_size"]) * cfg["epochs"]  # as train_base_model plans it
+    planned = planned_steps(report["train_images"], cfg["batch_size"], cfg["epochs"])
     lr_left = lr_at(report["steps"], planned, PretrainConfig(lr=1.0, warmup_steps=cfg["warmup_steps"]))
     return [
         f"- **Stopped by the {cfg['max_minutes']:g}-minute cap** after {report['steps']:,} of {planned:,} planned "

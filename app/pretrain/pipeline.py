@@ -71,7 +71,6 @@ def run_pretrain(request: PretrainRequest) -> dict[str, Any]:
         progress=request.progress,
     )
     provenance = _provenance(cfg, result, len(images), len(caption_image))
-    provenance["image_size"] = image_size_of(cfg.model_name)
     path = export_checkpoint(model, cfg.model_name, request.out, extra={"reco.provenance": json.dumps(provenance)})
     report: dict[str, Any] = {
         "checkpoint": str(path),
@@ -101,15 +100,15 @@ def _provenance(cfg: PretrainConfig, result: TrainResult, n_images: int, n_capti
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "image_size": image_size_of(cfg.model_name),  # the model's input resolution, named in its tag
     }
 
 
 def tag_for(report: dict[str, Any]) -> str:
     """open_clip's tag convention, data_samples_batch, plus the input resolution (one model config has been
-    trained at several): e.g. ``flickr8k_s253k_b128_r128``."""
+    trained at several): e.g. ``flickr8k_s229k_b128_r128``."""
     samples = report["steps"] * report["config"]["batch_size"]
-    tag = f"flickr8k_s{round(samples / 1000)}k_b{report['config']['batch_size']}"
-    return f"{tag}_r{report['image_size']}" if "image_size" in report else tag
+    return f"flickr8k_s{round(samples / 1000)}k_b{report['config']['batch_size']}_r{report['image_size']}"
 
 
 def write_report_and_card(report: dict[str, Any], *, command: str) -> tuple[Path, Path | None]:

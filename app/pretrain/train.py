@@ -56,6 +56,11 @@ class TrainResult:
     epoch_losses: list[float]
 
 
+def planned_steps(n_images: int, batch_size: int, epochs: int) -> int:
+    """Steps the schedule is planned over (full batches only); the cosine reaches zero at the last one."""
+    return max(1, n_images // min(batch_size, n_images)) * epochs
+
+
 def lr_at(step: int, total: int, cfg: PretrainConfig) -> float:
     """Linear warm-up, then cosine to zero over the planned steps."""
     if step < cfg.warmup_steps:
@@ -135,7 +140,7 @@ def train_base_model(
     n = len(images)
     batch = min(cfg.batch_size, n)
     steps_per_epoch = max(1, n // batch)
-    total = steps_per_epoch * cfg.epochs
+    total = planned_steps(n, cfg.batch_size, cfg.epochs)
     gen = torch.Generator().manual_seed(cfg.seed)
     order, table = _caption_table(caption_image, n)
     caption_image_t = torch.from_numpy(caption_image)
