@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import json
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -154,20 +155,20 @@ def _text_tower_int8(encoder: OpenClipEncoder) -> OpenClipEncoder:
 
 def bench_model(model: str, pretrained: str, data: CaptionedImages, *, batch: int = 64, speed_n: int = 256,
                 rounds: int = 2, max_seconds: float = 60.0, batches: Sequence[int] = (16, 32, 128),
-                log: Any = print) -> dict[str, Any]:
+                compile_variants: bool = True, log: Any = print) -> dict[str, Any]:
     """Speed of every variant of this model's family, then quality against fp32 (see the module docstring)."""
     ref_enc = _encoder(model, pretrained, Runtime(), batch)
     family = visual_family(ref_enc.image_tower)
     default = default_runtime(torch.device("cpu"), family)
     trained = not ref_enc.is_random
-    variants = VARIANTS.get(family, VARIANTS["vit"])
+    variants = [v for v in VARIANTS.get(family, VARIANTS["vit"]) if compile_variants or not v.compile]
     pixels = _pixels(ref_enc, data.images[: (len(data.images) if trained else speed_n)])
     speed_px = pixels[:speed_n]
     encoders = {r.label: (ref_enc if r == Runtime() else _encoder(model, pretrained, r, batch)) for r in variants}
     warm: dict[str, float] = {}
     for label, enc in encoders.items():  # load, quantize, compile: untimed, reported
         start = time.perf_counter()
-        enc.encode_images(speed_px[:batch])
+        enc.encode_images(speed_px[: min(8, batch)])  # a compiled tower pads it to the batch shape
         warm[label] = round(time.perf_counter() - start, 2)
     legs: dict[str, list[dict[str, Any]]] = {label: [] for label in encoders}
     for r in range(rounds):
@@ -248,7 +249,9 @@ def _recommend(speed: list[dict[str, Any]], quality: list[dict[str, Any]]) -> st
 
 def run_precision_bench(data_root: Path, *, models: Sequence[tuple[str, str]] = DEFAULT_MODELS,
                         quality_n: int | None = None, speed_n: int = 256, rounds: int = 2, max_seconds: float = 60.0,
-                        batch: int = 64, log: Any = print) -> dict[str, Any]:
+                        batch: int = 64, compile_models: Sequence[str] | None = None, log: Any = print,
+                        checkpoint: Path | None = None) -> dict[str, Any]:
+    """``compile_models``: models whose torch.compile variants run (None: all; compiling costs minutes each)."""
     """Every model in ``models``; the machine, its CPU flags and the load around the run."""
     started = time.perf_counter()
     data = _flickr_test(data_root, quality_n)
@@ -258,9 +261,12 @@ def run_precision_bench(data_root: Path, *, models: Sequence[tuple[str, str]] = 
                                "quality_images": len(data.images), "quality_captions": len(data.captions),
                                "models": []}
     for model, pretrained in models:
-        results["models"].append(bench_model(model, pretrained, data, batch=batch, speed_n=speed_n, rounds=rounds,
-                                             max_seconds=max_seconds, log=log))
+        results["models"].append(bench_model(
+            model, pretrained, data, batch=batch, speed_n=speed_n, rounds=rounds, max_seconds=max_seconds, log=log,
+            compile_variants=compile_models is None or model in compile_models))
         gc.collect()
+        if checkpoint is not None:  # models so far: a run cut short keeps them
+            checkpoint.write_text(json.dumps(results, indent=1, default=str) + "\n")
     results["duration_s"] = round(time.perf_counter() - started, 1)
     results["pid"] = os.getpid()
     return results

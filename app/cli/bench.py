@@ -80,6 +80,8 @@ def precision(
     speed_n: Annotated[int, typer.Option(min=8, help="Images timed per variant and round.")] = 256,
     rounds: Annotated[int, typer.Option(min=1, help="Interleaved speed rounds.")] = 2,
     max_seconds: Annotated[float, typer.Option(help="A variant stops after this many seconds a round.")] = 60.0,
+    compile_models: Annotated[str | None, typer.Option(help="Comma-separated models whose torch.compile variants "
+                                                           "run (default: all; minutes of compiling each).")] = None,
     docs: Annotated[Path, typer.Option(help="Where performance.md and performance/precision.json go.")]
     = Path("docs"),
     as_json: JsonOpt = False,
@@ -92,10 +94,13 @@ def precision(
     from app.config import get_settings
 
     pairs = [(m.split("/", 1)[0], m.split("/", 1)[1] if "/" in m else "") for m in models.split(",") if m.strip()]
-    result = run_precision_bench(get_settings().shared_data, models=pairs, quality_n=quality_n, speed_n=speed_n,
-                                 rounds=rounds, max_seconds=max_seconds, log=lambda m: typer.echo(m, err=True))
     (docs / ASSETS).mkdir(parents=True, exist_ok=True)
-    (docs / ASSETS / "precision.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    out = docs / ASSETS / "precision.json"
+    result = run_precision_bench(
+        get_settings().shared_data, models=pairs, quality_n=quality_n, speed_n=speed_n, rounds=rounds,
+        max_seconds=max_seconds, log=lambda m: typer.echo(m, err=True), checkpoint=out,
+        compile_models=compile_models.split(",") if compile_models is not None else None)
+    out.write_text(json.dumps(result, indent=1, default=str) + "\n")
     if (docs / ASSETS / "results.json").is_file():
         write_report(docs)
     summary = [{k: m[k] for k in ("model", "coded_default", "recommended", "default_matches_measurement")}
