@@ -4,9 +4,9 @@ Both commands embed the same folder (the first ``n`` JPEGs, images only) with th
 same weights file (the peer's random-init ViT-B-32 safetensors, written by
 ``../shared/tools/peer/setup_peer.sh``), batch 64, 2 decode workers, each timed from process start to
 exit: imports, model load, warm-up, decoding, encoding, writing vectors (and for ``reco``: SQLite
-metadata and a Qdrant local-mode store on disk). Rounds alternate which command goes first. ``reco ingest``
-runs with the project's defaults (``RECO_PRECISION=auto``: int8 image tower for ViT-B-32 on CPU) unless
-``reco_precision`` says otherwise.
+metadata and the embedded memory store on disk). Rounds alternate which command goes first. ``reco ingest``
+runs with the project's defaults (``RECO_PRECISION=auto``: fp32 for a ViT on CPU, see
+app/encoder/runtime.py) unless ``reco_precision`` says otherwise (e.g. ``int8``, to see what it would give).
 
 Each round also times our own fp32 encoder-only figure in this process (the same weights file, ``encoder_n``
 images decoded and preprocessed beforehand, untimed), so both goals — ``reco ingest`` ≥ 1.5 × the peer and
