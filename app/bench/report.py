@@ -174,9 +174,10 @@ def _ingest_section(res: dict[str, Any], peer: dict[str, Any] | None) -> list[st
         pd = peer.get("details", {})
         lines += ["### Against the peer (`clip-retrieval inference`, whole commands)", "",
                   f"Measured {pd.get('machine', {}).get('time', '?')} by `reco bench ingest --peer`, "
-                  f"{len(pd.get('rounds', []))} rounds, same {peer['n']} images, same weights file, images only.", ""]
+                  f"{len(pd.get('rounds', []))} round(s), same {peer['n']} images, same weights file, images only."
+                  + (f" {pd['note']}." if pd.get("note") else ""), ""]
         lines += _table(["command", "img/s (median)", "note"], [
-            ["reco ingest", peer["reco_img_s"], f"SQLite + Qdrant local store on disk; image tower "
+            ["reco ingest", peer["reco_img_s"], f"SQLite + the embedded memory store on disk; image tower "
              f"{peer.get('reco_runtime', 'fp32')}"],
             ["clip-retrieval inference", peer["peer_img_s"], f"its own batch loop: {pd.get('peer_loop_img_s')} img/s"],
             ["our encoder-only, fp32 (same weights)", peer.get("encoder_fp32_img_s", "—"), "pre-decoded tensors"],
@@ -210,7 +211,11 @@ def precision_section(prec: dict[str, Any] | None) -> list[str]:
             f"trained weights `{model['pretrained']}`"
         lines += [f"### {model['model']} ({model['family']} image tower; {weights})", "",
                   f"Default coded for this family: **{model['coded_default']}**; fastest variant meeting every "
-                  f"measured goal in this run: **{model['recommended']}**.", ""]
+                  f"measured goal in this run: **{model['recommended']}**"
+                  + (" (torch.compile stays opt-in: see its first-batch seconds and the notes below)"
+                     if "compile" in model["recommended"] and "compile" not in model["coded_default"] else "")
+                  + (" (random weights: the quality goals cannot be judged on them; see the notes below)"
+                     if model["random_weights"] else "") + ".", ""]
         lines += _table(["variant", "img/s", "× fp32 (wall)", "CPU ms / image", "× fp32 (CPU)", "first batch s"],
                         [[r["variant"], r["img_s"], r["speedup_wall"], r["cpu_ms_per_img"], r["speedup_cpu"],
                           r["first_batch_s"]] for r in model["speed"]])
@@ -230,6 +235,8 @@ def _quality_verdict(q: dict[str, Any], model: dict[str, Any]) -> str:
     from app.bench.precision import meets_goals
 
     ok = meets_goals(q)
+    if "i2t_r1" not in q and not model["random_weights"]:
+        return "not judged (speed sample only: rejected on speed)"
     if model["random_weights"]:
         return "(random weights)" + (" yes" if ok else " no")
     if q["variant"].startswith("probe"):
