@@ -19,7 +19,7 @@ import numpy as np
 from app.config import Settings
 from app.db.repo import MetadataRepo
 from app.encoder import Encoder
-from app.memory.qdrant import MemoryStoreError, QdrantMemory
+from app.memory.base import MemoryStoreError, VectorMemory
 from app.refine import Refiner
 from app.schemas import Modality, RefineMode
 from app.services.method_common import MethodError
@@ -112,7 +112,7 @@ class InProcessBackend:
     name = "in-process"
 
     def __init__(self, settings: Settings, encoder: Encoder, repo: MetadataRepo,
-                 memory: Callable[[], QdrantMemory], refiner: Callable[[], Refiner],
+                 memory: Callable[[], VectorMemory], refiner: Callable[[], Refiner],
                  search_service: Callable[[], SearchService]) -> None:
         self.settings = settings
         self.encoder = encoder

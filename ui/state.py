@@ -23,7 +23,8 @@ from app.config import Settings, get_settings
 from app.db.repo import MetadataRepo
 from app.db.session import make_session_factory, upgrade_database
 from app.encoder import Encoder, collection_name_for, create_encoder
-from app.memory.qdrant import QdrantMemory, get_qdrant_client
+from app.memory.base import VectorMemory
+from app.memory.store import open_store
 from app.refine import Refiner, refiner_from_checkpoint
 from app.services.method_common import MethodError, resolve_checkpoint, resolve_device
 from app.services.search import SearchService
@@ -45,7 +46,7 @@ def fingerprint(settings: Settings) -> str:
 
 
 def _location(settings: Settings) -> str:
-    return settings.qdrant_url or settings.resolved_qdrant_path or ""
+    return settings.qdrant_url or settings.resolved_memory_path or ""
 
 
 # --- encoder and metadata -----------------------------------------------------------------------------
@@ -79,16 +80,16 @@ def distinct_values(url: str, column: str) -> list[Any]:
 
 # --- memory, refiner, search ----------------------------------------------------------------------------
 @st.cache_resource(show_spinner=False, max_entries=16)
-def _memory(location: str, collection: str, _settings: Settings) -> QdrantMemory:
-    return QdrantMemory(get_qdrant_client(_settings), collection)
+def _memory(location: str, collection: str, _settings: Settings) -> VectorMemory:
+    return open_store(_settings).collection(collection)
 
 
-def live_memory(settings: Settings) -> QdrantMemory:
+def live_memory(settings: Settings) -> VectorMemory:
     """The alias searches use (raises MemoryStoreError when the local store is held by another process)."""
     return _memory(_location(settings), settings.memory_alias, settings)
 
 
-def encoder_memory(settings: Settings, encoder_id: str) -> QdrantMemory:
+def encoder_memory(settings: Settings, encoder_id: str) -> VectorMemory:
     """The collection of ``encoder_id``; MethodError while it is empty (RECO needs a memory)."""
     memory = _memory(_location(settings), collection_name_for(encoder_id), settings)
     if not memory.exists() or memory.count() == 0:
@@ -98,7 +99,7 @@ def encoder_memory(settings: Settings, encoder_id: str) -> QdrantMemory:
 
 @st.cache_resource(show_spinner="Loading the fusion checkpoint …", max_entries=8)
 def _refiner(path: str, stamp: str, collection: str, k: int, location: str, _settings: Settings,
-             _memory: QdrantMemory, _sha256: str | None) -> Refiner:
+             _memory: VectorMemory, _sha256: str | None) -> Refiner:
     refiner, _ = refiner_from_checkpoint(Path(path), _memory, k=k, expected_sha256=_sha256,
                                          device=resolve_device(_settings))
     return refiner

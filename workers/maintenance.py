@@ -38,7 +38,7 @@ def reembed_slice(runtime: WorkerRuntime, model: str, pretrained: str, seed: int
 
     ingest = runtime.ingest_service()  # owns the Qdrant client of this process
     service = ReembedService(runtime.settings, _encoder(runtime, model, pretrained, seed), repo=ingest.repo,
-                             client=ingest.memory.client)
+                             store=ingest.store)
     progress = service.run(max_seconds=slice_s, swap=swap)
     if progress.swapped:
         publish_snapshot(runtime.settings, repo=ingest.repo, memory=ingest.memory, force=True)

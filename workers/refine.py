@@ -1,9 +1,9 @@
-"""The refine worker's state: the live memory snapshot, its encoder, the fusion checkpoint — loaded once.
+"""The refine worker's state: the live memory, its encoder, the fusion checkpoint — loaded once.
 
-It never opens the Qdrant store (local mode allows one process, the embed/maintenance worker): it
-serves from the exact-index snapshot that process publishes (:mod:`app.services.snapshots`),
-memory-mapped, and reloads when a newer snapshot (more items, or a re-embedded memory with another
-encoder) goes live, or a newer fusion checkpoint is registered for the live encoder.
+Neighbours come from the memory's engine (HNSW, k' per request): a Qdrant server directly, or the
+embedded engine through the process that owns it (``reco serve``). The worker follows the live version:
+after a re-embedding swap it loads the new encoder, and it picks up a newer fusion checkpoint of the live
+encoder without a restart.
 
 The method is the app's: ``predict`` wraps :func:`app.services.predict.predict_image`; ``search``
 is :class:`app.services.search.SearchService` with the query refined by :class:`app.refine.Refiner`.
@@ -24,10 +24,13 @@ from typing import Any
 import numpy as np
 
 from app.config import Settings
+from app.db.models import EmbeddingVersion
+from app.db.repo import MetadataRepo
 from app.db.session import make_session_factory
+from app.memory.base import VectorMemory
+from app.memory.store import live_memory
 from app.schemas import Modality, RefineMode
-from app.services.reembed import encoder_for
-from app.services.snapshots import SnapshotInfo, SnapshotMemory, live_snapshot, load_snapshot
+from app.services.reembed import encoder_for, live_version, seed_of
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +39,8 @@ LOG_EVERY = 50  # requests between two latency log lines
 
 @dataclass
 class _Loaded:
-    info: SnapshotInfo
-    memory: SnapshotMemory
+    version: EmbeddingVersion
+    memory: VectorMemory
     encoder: Any
     checkpoint_id: int | None = None
     checkpoint_label: str | None = None
@@ -60,30 +63,28 @@ class RefineRuntime:
 
     # --- what is live -----------------------------------------------------------------------------
     def current(self) -> _Loaded:
-        info = live_snapshot(self.settings)
-        if info is None:
-            raise LookupError("no memory snapshot published yet: ingest something (the embed/maintenance "
-                              "worker publishes the memory every RECO_MAINTENANCE_INTERVAL_S)")
+        version = live_version(MetadataRepo(self.factory))
+        if version is None:
+            raise LookupError("the memory is empty: ingest something first (no live embedding version)")
         with self._lock:
-            if self._loaded is None or self._loaded.info.name != info.name:
-                self._loaded = self._load(info)
+            if self._loaded is None or self._loaded.version.encoder_id != version.encoder_id:
+                self._loaded = self._load(version)
             self._refresh_checkpoint(self._loaded)
             return self._loaded
 
-    def _load(self, info: SnapshotInfo) -> _Loaded:
+    def _load(self, version: EmbeddingVersion) -> _Loaded:
         started = time.perf_counter()
-        index = load_snapshot(info, self.settings)
-        encoder = encoder_for(self.settings, info.model, info.pretrained, info.seed)
+        encoder = encoder_for(self.settings, version.model, version.pretrained, seed_of(version.encoder_id))
         encoder.encode_texts(["warm-up"])  # weights now, not on the first request
-        log.info("refine worker: memory %s (%d items, encoder %s) loaded in %.2f s", info.name, info.count,
-                 info.encoder_id, time.perf_counter() - started)
-        return _Loaded(info, SnapshotMemory(index, info.collection), encoder)
+        log.info("refine worker: live encoder %s (collection %s) loaded in %.2f s", version.encoder_id,
+                 version.collection, time.perf_counter() - started)
+        return _Loaded(version, live_memory(self.settings), encoder)
 
     def _refresh_checkpoint(self, loaded: _Loaded) -> None:
         """The newest checkpoint of the live encoder (one indexed query per request)."""
         from app.db.runs import newest_checkpoint
 
-        record = newest_checkpoint(self.factory, loaded.info.encoder_id)
+        record = newest_checkpoint(self.factory, loaded.version.encoder_id)
         wanted = record.id if record else None
         if loaded.refiner is not None and (self.settings.fusion_checkpoint or loaded.checkpoint_id == wanted):
             return
@@ -93,18 +94,19 @@ class RefineRuntime:
         from app.services.method_common import MethodError, checkpoint_label, resolve_checkpoint, resolve_device
 
         try:
-            path, rec = resolve_checkpoint(self.settings, loaded.info.encoder_id, None, self.factory)
+            path, rec = resolve_checkpoint(self.settings, loaded.version.encoder_id, None, self.factory)
             loaded.refiner, _ = refiner_from_checkpoint(
-                path, loaded.memory.index, k=self.settings.k_infer, expected_sha256=rec.sha256 if rec else None,
+                path, loaded.memory, k=self.settings.k_infer, expected_sha256=rec.sha256 if rec else None,
                 device=resolve_device(self.settings))
             loaded.checkpoint_id, loaded.refiner_error = (rec.id if rec else None), None
             loaded.checkpoint_label = checkpoint_label(path, rec)
-            log.info("refine worker: fusion checkpoint %s for %s", path, loaded.info.encoder_id)
+            log.info("refine worker: fusion checkpoint %s for %s", path, loaded.version.encoder_id)
         except MethodError as exc:  # no checkpoint for this encoder (e.g. right after a re-embedding)
             loaded.refiner, loaded.checkpoint_id, loaded.refiner_error = None, None, str(exc)
 
     def _describe(self, loaded: _Loaded) -> dict[str, Any]:
-        return {"encoder_id": loaded.info.encoder_id, "memory": loaded.info.name, "memory_count": loaded.info.count,
+        return {"encoder_id": loaded.version.encoder_id, "memory": loaded.version.collection,
+                "memory_count": loaded.memory.count(),
                 "checkpoint_id": loaded.checkpoint_id, "retraining_required": loaded.refiner is None,
                 "reco_unavailable": loaded.refiner_error}
 
@@ -122,7 +124,7 @@ class RefineRuntime:
         def run(m: RefineMode) -> dict[str, Any]:
             request = PredictRequest(image_bytes=image, classes=classes, mode=m, k=k)
             refiner = (loaded.refiner, loaded.checkpoint_label or "") if loaded.refiner is not None else None
-            return predict_image(self.settings, request, encoder=loaded.encoder, memory=loaded.memory.index,
+            return predict_image(self.settings, request, encoder=loaded.encoder, memory=loaded.memory,
                                  session_factory=self.factory, refiner=refiner).model_dump(mode="json")
 
         out = self._describe(loaded) | {"clip": run(RefineMode.CLIP), "reco": None}
@@ -142,7 +144,7 @@ class RefineRuntime:
             text=query.get("text"), k=k or self.settings.k_infer, filters=query.get("filters") or {},
             image_bytes=base64.b64decode(query["image_b64"]) if query.get("image_b64") else None,
             target=query.get("target"))
-        service = SearchService(self.settings, encoder=loaded.encoder, memory=loaded.memory)  # type: ignore[arg-type]
+        service = SearchService(self.settings, encoder=loaded.encoder, memory=loaded.memory)
         clip = service.search(request)
         out = self._describe(loaded) | {"query_modality": str(request.query_modality), "target": str(clip.target),
                                         "clip": [r.model_dump() for r in clip.results], "reco": None}

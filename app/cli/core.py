@@ -68,7 +68,9 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     if as_json:
         print_json(info)
         return
-    typer.echo(f"items: {info['items']}   database: {info['database']}   qdrant: {info['qdrant']}")
+    memory = info["memory"]
+    typer.echo(f"items: {info['items']}   database: {info['database']}   memory: {memory['backend']} "
+               f"{memory['location']}")
     typer.echo(f"alias {info['alias']['name']} → {info['alias']['collection']}")
     for name, n in info["collections"].items():
         typer.echo(f"  collection {name}: {n} points")

@@ -120,8 +120,8 @@ def predict_image(
     loaded: Refiner | None = None
     checkpoint: str | None = None
     if request.mode is not RefineMode.CLIP:
-        if refiner is not None:
-            loaded, checkpoint = refiner
+        if refiner is not None:  # loaded once with the default k': this request's k' still counts
+            loaded, checkpoint = refiner[0].with_k(request.k), refiner[1]
         else:
             memory = memory or memory_for_encoder(settings, encoder.encoder_id)
             loaded, checkpoint = _load_refiner(settings, request, encoder.encoder_id, memory, session_factory)

@@ -10,8 +10,8 @@ from pydantic import BaseModel, Field, model_validator
 
 from app.encoder import Encoder, create_encoder
 from app.imaging import ImageLimits, open_image_safely
-from app.memory.base import SearchHit
-from app.memory.qdrant import QdrantMemory
+from app.memory.base import SearchHit, VectorMemory
+from app.memory.store import live_memory
 from app.schemas import Modality
 
 if TYPE_CHECKING:
@@ -29,6 +29,7 @@ class SearchRequest(BaseModel):
     target: Modality | None = Field(
         default=None, description="Which stored vectors to rank; default: the other modality (CLIP retrieval).")
     distinct_images: bool = Field(default=True, description="One result per image when ranking images.")
+    score_threshold: float | None = Field(default=None, ge=-1.0, le=1.0, description="Only hits at least this similar.")
 
     @model_validator(mode="after")
     def _one_query(self) -> SearchRequest:
@@ -70,10 +71,10 @@ def hit_to_result(hit: SearchHit) -> SearchResult:
 
 class SearchService:
     def __init__(self, settings: Settings, *, encoder: Encoder | None = None,
-                 memory: QdrantMemory | None = None) -> None:
+                 memory: VectorMemory | None = None) -> None:
         self.settings = settings
         self.encoder = encoder or create_encoder(settings)
-        self.memory = memory or QdrantMemory.live(settings)
+        self.memory = memory or live_memory(settings)
         self.limits = ImageLimits.from_settings(settings)
 
     def embed_query(self, request: SearchRequest) -> np.ndarray:
@@ -91,6 +92,7 @@ class SearchService:
             vector = refine(vector, request.query_modality)
         target = request.target or (Modality.IMAGE if request.query_modality == Modality.TEXT else Modality.TEXT)
         hits = self.memory.search(vector, target, request.k, filters=request.filters,
+                                  score_threshold=request.score_threshold,
                                   distinct_images=request.distinct_images and target == Modality.IMAGE)
         return SearchResponse(results=[hit_to_result(h) for h in hits], encoder_id=self.encoder.encoder_id,
                               random_weights=bool(getattr(self.encoder, "is_random", False)),

@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from app.db.repo import MetadataRepo
-from app.memory.base import Filters, SearchHit
+from app.memory.base import Filters, SearchHit, VectorMemory
 from app.memory.exact import ExactIndex
-from app.memory.qdrant import QdrantMemory, get_qdrant_client, live_collection
+from app.memory.store import open_store
 from app.schemas import Modality
 from app.services.reembed import live_version, seed_of
 
@@ -78,7 +78,7 @@ def load_snapshot(info: SnapshotInfo, settings: Settings) -> ExactIndex:
 
 
 def publish_snapshot(
-    settings: Settings, *, repo: MetadataRepo | None = None, memory: QdrantMemory | None = None, force: bool = False
+    settings: Settings, *, repo: MetadataRepo | None = None, memory: VectorMemory | None = None, force: bool = False
 ) -> SnapshotInfo | None:
     """Export the live collection when it changed since the last snapshot; returns the new one or None.
 
@@ -87,12 +87,12 @@ def publish_snapshot(
     growing, a new export waits ten times as long as the last one took.
     """
     repo = repo or MetadataRepo.from_url(settings.resolved_database_url)
-    client = memory.client if memory is not None else get_qdrant_client(settings)
-    collection = live_collection(client, settings.memory_alias)
+    store = open_store(settings)
+    collection = store.live_collection(settings.memory_alias)
     version = live_version(repo)
     if collection is None or version is None:
         return None
-    live = QdrantMemory(client, collection)
+    live = store.collection(collection)
     count = live.count()
     current = live_snapshot(settings)
     if not force and current is not None:

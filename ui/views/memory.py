@@ -6,13 +6,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import streamlit as st
 
 from app.config import Settings
 from app.db.models import Item
 from app.encoder import collection_name_for
-from app.memory.qdrant import MemoryStoreError, live_collection
+from app.memory.base import MemoryStoreError
+from app.memory.store import open_store
 from app.schemas import Modality
 from app.services.method_common import MethodError
 from ui import components, state
@@ -110,9 +110,9 @@ def item_neighbours(item: Item, settings: Settings) -> tuple[list[Neighbour], bo
     points = memory.retrieve([item.id], with_vectors=True)
     if not points:
         return [], False
-    vector = np.asarray(points[0].vector["image"], np.float32)
+    vector = points[0].vector(Modality.IMAGE)
     encoder_id = state.encoder(settings).encoder_id
-    if live_collection(memory.client, settings.memory_alias) == collection_name_for(encoder_id):
+    if open_store(settings).live_collection(settings.memory_alias) == collection_name_for(encoder_id):
         try:
             refined = state.refiner(settings, encoder_id).refine_image(vector, exclude_ids=(item.id,))
             found = [Neighbour(n.item_id, n.caption or "", n.score, n.attention) for n in refined.neighbours]

@@ -8,7 +8,7 @@ from typing import Any
 import streamlit as st
 
 from app.config import Settings
-from app.memory.qdrant import MemoryStoreError
+from app.memory.base import MemoryStoreError
 from app.services.reembed import fusion_status, versions_report
 from app.services.status import memory_status
 from ui import ops, state
@@ -51,8 +51,9 @@ def show_memory(settings: Settings) -> None:
         st.error(str(exc))
         return
     alias = status["alias"]
+    memory = status["memory"]
     st.markdown(f"Alias `{alias['name']}` → `{alias['collection'] or '(unset)'}` · {status['items']} items in the "
-                f"metadata DB ({status['database']}) · Qdrant: `{status['qdrant']}`")
+                f"metadata DB ({status['database']}) · memory: {memory['backend']} `{memory['location']}`")
     st.dataframe([{"collection": name, "points": count, "live": name == alias["collection"]}
                   for name, count in status["collections"].items()], hide_index=True, key="ops_collections")
     counts = [{"encoder": enc, **by_status} for enc, by_status in status["status"].items()]

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from app.config import Settings
 from app.imaging import ImageRejected
-from app.memory.qdrant import MemoryStoreError
+from app.memory.base import MemoryStoreError
 from app.services.method_common import MethodError
 from ui import components, state
 from ui.backend import SearchQuery, SearchView
