@@ -141,10 +141,22 @@ class Settings(BaseSettings):
         default=300.0, gt=0, description="A submitted row still queued this long, with the embed queue "
         "drained, is re-enqueued (its message was lost, e.g. a broker restart without persistence).")
     maintenance_interval_s: float = Field(
-        default=60.0, gt=0, description="Beat: resume lost rows, reconcile, publish the refine snapshot.")
+        default=60.0, gt=0, description="Beat: resume lost rows and reconcile DB and memory.")
     reembed_check_interval_s: float = Field(
         default=3600.0, gt=0, description="Beat: re-embed when the configured encoder is not the live one.")
     refine_timeout_s: float = Field(default=30.0, gt=0, description="Clients wait this long for a refine answer.")
+
+    # --- reco serve: the one process that owns an embedded memory, and its HTTP API ----------------------
+    api_host: str = Field(default="127.0.0.1", description="reco serve binds here (localhost unless configured).")
+    api_port: int = Field(default=8765, ge=1, le=65535, description="reco serve's port.")
+    api_url: str | None = Field(
+        default=None, description="Reach a reco serve elsewhere; unset = the one announced in the data dir, if any.")
+    api_key: SecretStr | None = Field(
+        default=None, description="Key for RECO_API_URL (a server on this machine hands its local clients one).")
+    api_timeout_s: float = Field(default=120.0, gt=0, description="Clients wait this long for one answer.")
+    api_retry_s: float = Field(
+        default=90.0, ge=0, description="Clients retry an unreachable server this long (it may be restarting).")
+    api_max_body_bytes: int = Field(default=256 * 1024 * 1024, ge=1024, description="Largest request body.")
 
     # --- UI ----------------------------------------------------------------------------------------
     ui_port: int = 8501
@@ -154,7 +166,7 @@ class Settings(BaseSettings):
         default=False, description="The UI sends predictions and searches to the refine worker and ingestion to "
         "the embed workers (Celery, RECO_BROKER_URL) instead of running them in its own process.")
 
-    @field_validator("database_url", "qdrant_url", mode="before")
+    @field_validator("database_url", "qdrant_url", "api_url", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value

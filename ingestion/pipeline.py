@@ -117,8 +117,11 @@ def ingest_source(
     split: str | None = None,
     service: IngestService | None = None,
     progress: bool = True,
+    job_id: int | None = None,
 ) -> dict[str, Any]:
-    """Ingest every row of a folder or manifest (or of one ``split``); returns the job summary."""
+    """Ingest every row of a folder or manifest (or of one ``split``); returns the job summary.
+
+    ``job_id``: a job already created for it (``reco serve`` answers with the job before the work starts)."""
     path = Path(source).expanduser()
     rows: Iterator[InputRow] = iter_source(path, settings)
     if split is not None:  # rows of other splits are not this job's: not seen, not counted
@@ -126,7 +129,8 @@ def ingest_source(
     if limit is not None:
         rows = itertools.islice(rows, limit)
     service = service or IngestService(settings)
-    job_id = service.start_job(str(path.resolve()), source_kind(path))
+    if job_id is None:
+        job_id = service.start_job(str(path.resolve()), source_kind(path))
     preprocess = getattr(service.encoder, "preprocess", None)
     preprocess_uint8 = getattr(service.encoder, "preprocess_uint8", None)
     try:

@@ -39,7 +39,7 @@ def worker(
 
 
 def beat(loglevel: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info") -> None:
-    """Start the scheduler: lost-row resends, snapshots, reconciliation, watch folders, re-embedding."""
+    """Start the scheduler: lost-row resends, reconciliation, watch folders, re-embedding."""
     from workers.celery_app import app
 
     settings = load_settings()

@@ -403,17 +403,22 @@ class EdgeMemory:
         self, *, filters: Filters | None = None, limit: int = 256, with_vectors: bool = False
     ) -> Iterator[list[StoredPoint]]:
         """Pages of points in id order (export, re-embedding, the browser)."""
-        if not self.exists():
-            return
-        flt = _edge_filter(filters)
-        offset: Any = None
+        offset: str | None = None
         while True:
-            records, offset = self._shard().scroll(qe.ScrollRequest(
-                offset=offset, limit=limit, filter=flt, with_payload=True, with_vector=with_vectors))
-            if records:
-                yield [_point(r, with_vectors) for r in records]
+            points, offset = self.page(offset, limit, filters=filters, with_vectors=with_vectors)
+            if points:
+                yield points
             if offset is None:
                 return
+
+    def page(
+        self, offset: str | None, limit: int, *, filters: Filters | None = None, with_vectors: bool = False
+    ) -> tuple[list[StoredPoint], str | None]:
+        if not self.exists():
+            return [], None
+        records, following = self._shard().scroll(qe.ScrollRequest(
+            offset=offset, limit=limit, filter=_edge_filter(filters), with_payload=True, with_vector=with_vectors))
+        return [_point(r, with_vectors) for r in records], None if following is None else str(following)
 
     def export_matrices(self, *, filters: Filters | None = None) -> MemoryMatrices:
         return matrices_from_points(self.scroll(filters=filters, limit=2048, with_vectors=True))

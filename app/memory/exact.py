@@ -380,6 +380,15 @@ class ExactIndex:
         for start in range(0, len(rows), limit):
             yield self.retrieve([self.ids[r] for r in rows[start: start + limit]], with_vectors=with_vectors)
 
+    def page(
+        self, offset: str | None, limit: int, *, filters: Filters | None = None, with_vectors: bool = False
+    ) -> tuple[list[StoredPoint], str | None]:
+        mask = self._filter_mask(filters)
+        ids = sorted(self.ids[r] for r in range(len(self)) if (mask is None or mask[r]) and
+                     (offset is None or self.ids[r] >= offset))
+        following = ids[limit] if len(ids) > limit else None
+        return self.retrieve(ids[:limit], with_vectors=with_vectors), following
+
     def export_matrices(self, *, filters: Filters | None = None) -> MemoryMatrices:
         mask = self._filter_mask(filters)
         rows = np.arange(len(self)) if mask is None else np.flatnonzero(mask)

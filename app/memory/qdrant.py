@@ -270,18 +270,23 @@ class QdrantMemory:
         self, *, filters: Filters | None = None, limit: int = 256, with_vectors: bool = False
     ) -> Iterator[list[StoredPoint]]:
         """Pages of points in id order (for export, re-embedding and the UI's browser)."""
-        if not self.exists():
-            return
-        offset = None
+        offset: str | None = None
         while True:
-            points, offset = self.client.scroll(
-                self.name, scroll_filter=build_filter(filters), limit=limit, offset=offset,
-                with_payload=True, with_vectors=with_vectors,
-            )
+            points, offset = self.page(offset, limit, filters=filters, with_vectors=with_vectors)
             if points:
-                yield [_point(p, with_vectors) for p in points]
+                yield points
             if offset is None:
                 return
+
+    def page(
+        self, offset: str | None, limit: int, *, filters: Filters | None = None, with_vectors: bool = False
+    ) -> tuple[list[StoredPoint], str | None]:
+        if not self.exists():
+            return [], None
+        points, following = self.client.scroll(
+            self.name, scroll_filter=build_filter(filters), limit=limit, offset=offset, with_payload=True,
+            with_vectors=with_vectors)
+        return [_point(p, with_vectors) for p in points], None if following is None else str(following)
 
     def export_matrices(self, *, filters: Filters | None = None) -> MemoryMatrices:
         return matrices_from_points(self.scroll(filters=filters, limit=2048, with_vectors=True))

@@ -1,8 +1,10 @@
 """One factory for the memory: the store the settings name, opened once per process.
 
 - ``RECO_QDRANT_URL`` set: a Qdrant server or cluster (:class:`QdrantServerStore`); any process may open it.
-- otherwise: the embedded engine, Qdrant Edge, in ``RECO_MEMORY_PATH`` (default ``<data dir>/memory``).
-  One process owns it; see :mod:`app.memory.edge`.
+- a ``reco serve`` announced in the data dir (or ``RECO_API_URL``): the memory it owns, over HTTP
+  (:class:`app.memory.remote.RemoteStore`) — the same operations, the server's engine.
+- otherwise: the embedded engine, Qdrant Edge, in ``RECO_MEMORY_PATH`` (default ``<data dir>/memory``),
+  opened by this process, which then owns it; see :mod:`app.memory.edge`.
 
 A store left by the retired embedded backend (qdrant-client's local mode, ``<data dir>/qdrant``) is never
 silently ignored: opening the memory refuses with an error naming ``reco memory migrate``.
@@ -23,6 +25,12 @@ if TYPE_CHECKING:
 
 _stores: dict[tuple[str, str | None], MemoryStore] = {}
 _stores_lock = threading.Lock()
+_client_name = "cli"  # whose key this process uses with a server (the UI has one of its own)
+
+
+def set_client_name(name: str) -> None:
+    global _client_name
+    _client_name = name
 
 
 def is_local_mode_store(path: Path) -> bool:
@@ -50,6 +58,14 @@ def _open(settings: Settings) -> MemoryStore:
 
         api_key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
         return QdrantServerStore.connect(settings.qdrant_url, api_key, layout)
+    from app.remote import find_server
+
+    server = find_server(settings, _client_name)
+    if server is not None:
+        from app.memory.remote import RemoteStore
+        from app.remote import HttpClient
+
+        return RemoteStore(HttpClient.for_settings(settings, server))
     check_no_legacy_store(settings)
     from app.memory.edge import EdgeStore, temporary_store
 

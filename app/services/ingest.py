@@ -224,8 +224,13 @@ class IngestService:
             seen_ids.add(item.id)
             candidates.append((item, p))
         status = self.repo.embedding_status([c[0].id for c in candidates], self.encoder_id)
+        taken_down = self.repo.deleted_among([c[0].id for c in candidates])
         for item, p in candidates:
-            if status.get(item.id) == EmbedStatus.EMBEDDED or item.id in in_flight:
+            if item.id in taken_down:
+                why = taken_down[item.id].deleted_reason or "no reason given"
+                failures.append(FailedInput(p.row.source, RejectReason.TAKEN_DOWN,
+                                            f"item {item.id} was taken down ({why})"))
+            elif status.get(item.id) == EmbedStatus.EMBEDDED or item.id in in_flight:
                 outcome.duplicates += 1
             else:
                 batch.items.append(item)

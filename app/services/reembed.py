@@ -114,7 +114,8 @@ class ReembedService:
 
     def next_items(self, limit: int) -> list[Item]:
         """Items embedded under another version and not yet done under the target (id order)."""
-        stmt = (select(Item).where(and_(self._embedded_elsewhere(), ~self._done_under_target()))
+        stmt = (select(Item).where(and_(self._embedded_elsewhere(), ~self._done_under_target(),
+                                        Item.deleted_at.is_(None)))
                 .order_by(Item.id).limit(limit))
         with self.repo.session() as s:
             return list(s.scalars(stmt))
@@ -306,16 +307,12 @@ def reembed_now(
     settings: Settings, model: str, pretrained: str, *, seed: int | None = None, swap: bool = True,
     drop_old: bool = False, progress: bool = False,
 ) -> dict[str, Any]:
-    """``reco reembed`` in this process: run to the end, swap, publish the memory, optionally drop old ones."""
+    """``reco reembed`` in this process: run to the end, swap, optionally drop old ones."""
     from tqdm import tqdm
-
-    from app.services.snapshots import publish_snapshot
 
     service = ReembedService(settings, encoder_for(settings, model, pretrained, seed))
     with tqdm(total=service.progress().remaining, unit="item", desc="re-embed", disable=not progress) as bar:
         result = service.run(swap=swap, on_batch=lambda _done, tried: bar.update(tried))
-    if result.swapped:
-        publish_snapshot(settings, repo=service.repo, force=True)
     dropped = drop_old_versions(settings, repo=service.repo, store=service.store) if drop_old else []
     return result.model_dump() | {"dropped": dropped, "fusion": fusion_status(service.repo)}
 

@@ -9,11 +9,13 @@ from app.memory.store import open_store
 
 if TYPE_CHECKING:
     from app.config import Settings
+    from app.memory.base import MemoryStore
 
 
-def memory_status(settings: Settings, repo: MetadataRepo | None = None) -> dict[str, Any]:
+def memory_status(settings: Settings, repo: MetadataRepo | None = None, *,
+                  store: MemoryStore | None = None) -> dict[str, Any]:
     repo = repo or MetadataRepo.from_url(settings.resolved_database_url)
-    store = open_store(settings)
+    store = store or open_store(settings)
     collections = {name: store.collection(name).count() for name in store.list_collections()}
     jobs = repo.recent_jobs(5)
     return {

@@ -20,7 +20,6 @@ from typer.testing import CliRunner
 from app.config import Settings
 from app.db.models import IngestFailure
 from app.encoder import OpenClipEncoder
-from app.memory.qdrant import QdrantMemory, live_collection
 from app.schemas import Modality
 from app.services.ingest import IngestService, prepare_storage
 from app.services.ingest_async import EmbedBatchService, is_transient, retry_delay_s
@@ -201,22 +200,22 @@ def test_reembed_resumes_swaps_keeps_old_and_fails_changed_sources(
     images[0].write_bytes(images[1].read_bytes())  # a source changed after ingestion: 5 captions
     small = settings.model_copy(update={"reembed_batch_size": 10})
     target = OpenClipEncoder("reco-tiny", "", seed=1)
-    service = ReembedService(small, target, repo=ingest.repo, client=ingest.memory.client)
+    service = ReembedService(small, target, repo=ingest.repo, store=ingest.store)
     first = service.run(max_seconds=1e-9)  # out of time after one batch: resumes later
     assert (first.done + first.failed, first.remaining, first.swapped) == (10, 30, False)
     search = SearchService(settings, encoder=ingest.encoder)
     assert len(search.search(SearchRequest(text="a dog", k=3)).results) == 3  # old version still serves
-    resumed = ReembedService(small, target, repo=ingest.repo, client=ingest.memory.client)  # "after the kill"
+    resumed = ReembedService(small, target, repo=ingest.repo, store=ingest.store)  # "after the kill"
     slices = [resumed.run(max_seconds=1e-9) for _ in range(3)]  # the slice that does the last batch swaps
     done = slices[-1]
     assert [s.swapped for s in slices] == [False, False, True]
     assert (done.done, done.failed, done.remaining) == (35, 5, 0)
-    client = ingest.memory.client
-    assert live_collection(client, settings.memory_alias) == target.collection_name
-    assert QdrantMemory(client, ingest.memory.collection).count() == 40  # old version kept
+    store = ingest.store
+    assert store.live_collection(settings.memory_alias) == target.collection_name
+    assert store.collection(ingest.memory.collection).count() == 40  # old version kept
     assert SearchService(settings, encoder=target).search(SearchRequest(text="a dog", k=3)).results
     assert fusion_status(ingest.repo)["retraining_required"]
-    assert drop_old_versions(settings, repo=ingest.repo, client=client) == [ingest.memory.collection]
+    assert drop_old_versions(settings, repo=ingest.repo, store=store) == [ingest.memory.collection]
 
 
 def test_snapshot_is_published_on_change_and_searches_like_qdrant(settings: Settings, ingest: IngestService,
@@ -334,7 +333,7 @@ def test_transient_errors_are_told_apart_from_bad_input() -> None:
     from kombu.exceptions import OperationalError as BrokerDown
     from sqlalchemy.exc import OperationalError
 
-    from app.memory.qdrant import MemoryStoreError
+    from app.memory.base import MemoryStoreError
     from workers.runtime import is_transient_error
 
     transient = [OperationalError("SELECT 1", {}, Exception("server closed the connection")),

@@ -144,6 +144,25 @@ class Stack:
     def beat(self) -> Proc:
         return self._spawn("beat", ["beat", "--loglevel", "info"])
 
+    def serve(self, *, ready_timeout_s: float = 120) -> Proc:
+        """``reco serve`` on a free port; returns once it announced itself in the data dir (processes
+        started after it, and this one after ``close_stores()``, then reach the memory through it)."""
+        import json
+
+        announcement = Path(self.env["RECO_DATA_DIR"]) / "serve.json"
+        proc = self._spawn("serve", ["serve", "--port", "0"])
+
+        def announced() -> bool:
+            try:
+                return json.loads(announcement.read_text()).get("pid") == proc.popen.pid or not proc.alive()
+            except (OSError, ValueError):
+                return not proc.alive()
+
+        wait_until(announced, ready_timeout_s, "reco serve announced")
+        if not proc.alive():
+            raise RuntimeError(f"reco serve exited:\n{proc.text()[-4000:]}")
+        return proc
+
     def stop_all(self) -> None:
         for proc in reversed(self.procs):
             proc.stop()
@@ -259,11 +278,11 @@ def shared_redis_broker(redis_url: str) -> str:
 def stack_fixture(
     tmp_path: Path, postgres_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Stack]:
-    from app.memory.qdrant import close_qdrant_clients
+    from app.memory.store import close_stores
 
     stack = make_stack(tmp_path, postgres_url, shared_redis_broker(redis_url), monkeypatch)
     try:
         yield stack
     finally:
         stack.stop_all()
-        close_qdrant_clients()
+        close_stores()
