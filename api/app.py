@@ -30,6 +30,7 @@ from app.config import Settings
 from app.db.apikeys import ApiKeyRepo
 from app.manifest import resolve_confined
 from app.schemas import RefineMode
+from app.services.search import SearchOptions
 from app.services.serving import (
     DeleteOut,
     ItemDetail,
@@ -38,6 +39,7 @@ from app.services.serving import (
     NeighbourOut,
     PredictionOut,
     PredictQuery,
+    RefineOptions,
     SearchAnswer,
     SearchQuery,
     ServingService,
@@ -65,9 +67,10 @@ class IngestPath(BaseModel):
     path: str = Field(max_length=4096, description="A folder or manifest on the server, inside the allowed roots")
 
 
-class SearchBody(SearchQuery):
-    """A search as JSON: the image (if any) as base64 in ``image_b64``."""
+class SearchBody(SearchOptions, RefineOptions):
+    """A search as JSON: a text, or an image as base64 in ``image_b64``."""
 
+    text: str | None = Field(default=None, max_length=4000)
     image_b64: str | None = Field(default=None, max_length=64 * 1024 * 1024)
 
 
@@ -172,7 +175,7 @@ def create_app(settings: Settings, service: ServingService, *, uploads: Any = No
                 raise ApiError(400, "invalid_request", f"image_b64 is not base64: {exc}") from exc
             if len(image) > settings.max_image_bytes:
                 raise ApiError(413, "too_large", f"the image is over the cap of {settings.max_image_bytes} bytes")
-        fields = body.model_dump(exclude={"image_b64", "image_bytes"})
+        fields = body.model_dump(exclude={"image_b64"})
         query = SearchQuery.model_validate(fields | {"image_bytes": image})
         return service.search(query)
 
@@ -244,7 +247,7 @@ def create_app(settings: Settings, service: ServingService, *, uploads: Any = No
         try:
             stored = await run_in_threadpool(uploads.store_upload, name, data, settings)
         except uploads.UploadRejected as exc:
-            raise ApiError(400, str(exc.reason), exc.detail) from exc
+            raise ApiError(413 if exc.reason == "too_large" else 400, str(exc.reason), exc.detail) from exc
         return await run_in_threadpool(service.start_ingest, stored.source, kind="upload", total=stored.images or None)
 
     def _ingest_path(raw: str) -> JobOut:

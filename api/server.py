@@ -4,6 +4,7 @@ checkpoint, make keys for local clients, announce itself in the data dir, serve 
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 from typing import Any
@@ -75,13 +76,22 @@ def serve(settings: Settings, *, host: str, port: int, on_ready: Any = None) -> 
             on_ready(url)
 
     threading.Thread(target=announce_when_listening, name="reco-announce", daemon=True).start()
+    # uvicorn re-raises SIGINT/SIGTERM after its graceful shutdown, with the handlers it found installed: these
+    # no-ops let the cleanup below run (withdraw the announcement, close the engine) instead of dying first.
+    previous = {sig: signal.signal(sig, _noted) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.run()
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         withdraw(settings)
         indexer.stop()
         service.close()
         close_stores()
+
+
+def _noted(signum: int, frame: object) -> None:
+    log.info("reco serve: signal %d, shutting down", signum)
 
 
 def _url_host(host: str) -> str:

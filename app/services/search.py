@@ -21,15 +21,20 @@ if TYPE_CHECKING:
 Refiner = Callable[[np.ndarray, Modality], np.ndarray]
 
 
-class SearchRequest(BaseModel):
-    text: str | None = None
-    image_bytes: bytes | None = Field(default=None, repr=False)
+class SearchOptions(BaseModel):
+    """How to rank: everything but the query itself."""
+
     k: int = Field(default=5, ge=1, le=1000)
     filters: dict[str, Any] = {}
     target: Modality | None = Field(
         default=None, description="Which stored vectors to rank; default: the other modality (CLIP retrieval).")
     distinct_images: bool = Field(default=True, description="One result per image when ranking images.")
     score_threshold: float | None = Field(default=None, ge=-1.0, le=1.0, description="Only hits at least this similar.")
+
+
+class SearchRequest(SearchOptions):
+    text: str | None = Field(default=None, max_length=4000)
+    image_bytes: bytes | None = Field(default=None, repr=False)
 
     @model_validator(mode="after")
     def _one_query(self) -> SearchRequest:

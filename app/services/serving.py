@@ -102,11 +102,13 @@ class PredictionOut(BaseModel):
     via: str = "in-process"
 
 
-class SearchQuery(SearchRequest):
-    """A search (text or image, target vectors, filters, k, threshold) and whether RECO refines the query."""
-
+class RefineOptions(BaseModel):
     mode: RefineMode = Field(default=RefineMode.CLIP, description="clip, or a RECO mode that refines the query")
     k_prime: int | None = Field(default=None, ge=1, le=1000, description="neighbours that refine the query")
+
+
+class SearchQuery(SearchRequest, RefineOptions):
+    """A search (text or image, target vectors, filters, k, threshold) and whether RECO refines the query."""
 
 
 class SearchAnswer(BaseModel):
@@ -480,10 +482,13 @@ class ServingService:
         data = path.read_bytes()[: self.settings.max_image_bytes + 1]
         if hashlib.sha256(data).hexdigest() != item.image_hash:
             raise LookupError(f"the image of item {item_id} changed since it was ingested")
+        import io
+
         from PIL import Image
 
-        image = open_image_safely(data, self.limits)
-        media = Image.MIME.get((image.format or "").upper(), "application/octet-stream")
+        open_image_safely(data, self.limits)  # the same checks as ingestion before anything is served
+        with Image.open(io.BytesIO(data)) as header:  # the format from the header only
+            media = Image.MIME.get((header.format or "").upper(), "application/octet-stream")
         return data, media
 
     def neighbours_of_item(self, item_id: str, k: int | None = None) -> list[NeighbourOut]:

@@ -20,13 +20,11 @@ from typer.testing import CliRunner
 from app.config import Settings
 from app.db.models import IngestFailure
 from app.encoder import OpenClipEncoder
-from app.schemas import Modality
 from app.services.ingest import IngestService, prepare_storage
 from app.services.ingest_async import EmbedBatchService, is_transient, retry_delay_s
 from app.services.ingest_ledger import IngestLedger, TaskRef
 from app.services.reembed import ReembedService, drop_old_versions, fusion_status
 from app.services.search import SearchRequest, SearchService
-from app.services.snapshots import SnapshotMemory, live_snapshot, load_snapshot, publish_snapshot
 from ingestion.dispatch import dispatch_source, make_decoder, resend_lost, wait_for_capacity
 from ingestion.pipeline import ingest_source
 from ingestion.watch import scan_once
@@ -216,21 +214,6 @@ def test_reembed_resumes_swaps_keeps_old_and_fails_changed_sources(
     assert SearchService(settings, encoder=target).search(SearchRequest(text="a dog", k=3)).results
     assert fusion_status(ingest.repo)["retraining_required"]
     assert drop_old_versions(settings, repo=ingest.repo, store=store) == [ingest.memory.collection]
-
-
-def test_snapshot_is_published_on_change_and_searches_like_qdrant(settings: Settings, ingest: IngestService,
-                                                                   shared_data: Path, tmp_path: Path) -> None:
-    ingest_source(flickr_manifest(shared_data, tmp_path / "f", 30), settings, service=ingest, progress=False)
-    info = publish_snapshot(settings, repo=ingest.repo, memory=ingest.memory)
-    assert info is not None and live_snapshot(settings) == info and info.count == 30
-    assert publish_snapshot(settings, repo=ingest.repo, memory=ingest.memory) is None  # unchanged
-    snapshot = SnapshotMemory(load_snapshot(info, settings), info.collection)
-    query = ingest.encoder.encode_texts(["two dogs play in the snow"])[0]
-    for distinct in (False, True):
-        ours = snapshot.search(query, Modality.IMAGE, 4, distinct_images=distinct)
-        theirs = ingest.memory.search(query, Modality.IMAGE, 4, distinct_images=distinct)
-        assert [h.payload.image_hash for h in ours] == [h.payload.image_hash for h in theirs]  # type: ignore[union-attr]
-        assert np.allclose([h.score for h in ours], [h.score for h in theirs], atol=1e-5)
 
 
 def test_reembed_cli_schedules_and_reports(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
