@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -135,17 +136,31 @@ class HttpClient:
 
     RETRY_STATUS = {502, 503, 504}
 
-    def __init__(self, server: ServerInfo, *, timeout_s: float = 120.0, retry_s: float = 90.0) -> None:
-        import httpx
-
+    def __init__(self, server: ServerInfo, *, timeout_s: float = 120.0, retry_s: float = 90.0,
+                 rediscover: Callable[[], ServerInfo | None] | None = None) -> None:
         self.server = server
         self.retry_s = retry_s
+        self.timeout_s = timeout_s
+        self.rediscover = rediscover  # a restarted server may listen elsewhere: ask the data dir again
+        self._http = self._client(server)
+
+    def _client(self, server: ServerInfo) -> httpx.Client:
+        import httpx
+
         headers = {"Authorization": f"Bearer {server.key}"} if server.key else {}
-        self._http = httpx.Client(base_url=server.url, headers=headers, timeout=timeout_s)
+        return httpx.Client(base_url=server.url, headers=headers, timeout=self.timeout_s)
 
     @classmethod
-    def for_settings(cls, settings: Settings, server: ServerInfo) -> HttpClient:
-        return cls(server, timeout_s=settings.api_timeout_s, retry_s=settings.api_retry_s)
+    def for_settings(cls, settings: Settings, server: ServerInfo, client: str = "cli") -> HttpClient:
+        rediscover = (lambda: find_server(settings, client)) if server.announced else None
+        return cls(server, timeout_s=settings.api_timeout_s, retry_s=settings.api_retry_s, rediscover=rediscover)
+
+    def _follow_restart(self) -> None:
+        found = self.rediscover() if self.rediscover is not None else None
+        if found is not None and (found.url, found.key) != (self.server.url, self.server.key):
+            log.warning("reco serve moved to %s: following it", found.url)
+            self._http.close()
+            self.server, self._http = found, self._client(found)
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         import httpx
@@ -167,6 +182,7 @@ class HttpClient:
             log.warning("reco serve at %s unavailable (%s); retrying in %.1f s", self.server.url, problem, delay)
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
+            self._follow_restart()
         if response.status_code >= 400:
             raise _error_of(response)
         return response

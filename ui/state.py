@@ -85,7 +85,7 @@ def _server_client(url: str, key: str, _settings: Settings) -> Any:
     from app.remote import ServerInfo
     from app.services.serving_client import ServingClient
 
-    return ServingClient.connect(_settings, ServerInfo(url, key or None))
+    return ServingClient.connect(_settings, ServerInfo(url, key or None, announced=True), "ui")
 
 
 @st.cache_resource(show_spinner="Loading the encoder and the memory …", max_entries=2)

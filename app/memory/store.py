@@ -65,7 +65,7 @@ def _open(settings: Settings) -> MemoryStore:
         from app.memory.remote import RemoteStore
         from app.remote import HttpClient
 
-        return RemoteStore(HttpClient.for_settings(settings, server))
+        return RemoteStore(HttpClient.for_settings(settings, server, _client_name))
     check_no_legacy_store(settings)
     from app.memory.edge import EdgeStore, temporary_store
 

@@ -27,8 +27,8 @@ class ServingClient:
         self.http = http
 
     @classmethod
-    def connect(cls, settings: Settings, server: ServerInfo) -> ServingClient:
-        return cls(HttpClient.for_settings(settings, server))
+    def connect(cls, settings: Settings, server: ServerInfo, client: str = "cli") -> ServingClient:
+        return cls(HttpClient.for_settings(settings, server, client))
 
     @property
     def url(self) -> str:
