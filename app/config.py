@@ -57,6 +57,9 @@ class Settings(BaseSettings):
         default=20_000, ge=100, description="New points are searched exactly until this many are waiting; then "
         "the owner builds their HNSW index.")
     memory_exact_search: bool = Field(default=False, description="Every search exact (no HNSW): for checks.")
+    memory_min_free_mb: int = Field(
+        default=256, ge=0, description="The embedded engine writes only while its disk has this much free: it maps "
+        "its files (32 MB write-ahead-log segments) into memory, and a full disk under a mapping kills the process.")
     memory_index_idle_s: float = Field(
         default=2.0, ge=0, description="A long-lived owner (reco serve, a worker) indexes after this long without "
         "requests (indexing holds the process while it runs).")

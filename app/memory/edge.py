@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -159,6 +160,15 @@ class EdgeStore:
     def location(self) -> str:
         return str(self.root)
 
+    def ensure_space(self, what: str) -> None:
+        """Refuse a write (ENOSPC) while the disk is nearly full: Edge maps its WAL segments and vector files
+        into memory, and growing a mapping on a full disk kills the process with SIGBUS instead of an error."""
+        free = shutil.disk_usage(self.root).free
+        if free < self.layout.min_free_mb * 1024 * 1024:
+            raise OSError(errno.ENOSPC, f"the memory's disk is full: {free / 2**20:.0f} MB free at {self.root}, the "
+                          f"engine writes only with {self.layout.min_free_mb} MB free (RECO_MEMORY_MIN_FREE_MB); "
+                          f"{what} refused — free some space and retry")
+
     # --- collections -------------------------------------------------------------------------------
     def _folder(self, name: str) -> Path:
         if not _NAME.match(name):
@@ -187,6 +197,7 @@ class EdgeStore:
             if shard is None:
                 if not self.collection_exists(name):
                     raise MemoryStoreError(f"no collection {name!r} in the memory at {self.root}")
+                self.ensure_space(f"opening collection {name}")  # opening may start a new WAL segment
                 try:
                     shard = qe.EdgeShard.load(str(self._folder(name)))
                 except Exception as exc:  # the binding raises plain Exception with the engine's message
@@ -221,6 +232,7 @@ class EdgeStore:
             wal_enabled=True,
         )
         folder = self._folder(name)
+        self.ensure_space(f"creating collection {name}")
         try:
             shard = qe.EdgeShard.create(str(folder), config)
             for field, kind in FILTER_FIELDS.items():
@@ -367,6 +379,7 @@ class EdgeMemory:
         if not records:
             return
         shard = self._shard()
+        self.store.ensure_space(f"writing {len(records)} points")
         for start in range(0, len(records), WRITE_BATCH):
             chunk = records[start: start + WRITE_BATCH]
             images = np.stack([r.image_vector for r in chunk]).astype(np.float32).tolist()
@@ -379,6 +392,7 @@ class EdgeMemory:
     def delete(self, item_ids: Sequence[str]) -> None:
         ids = [i for i in item_ids if is_item_id(i)]
         if ids and self.exists():
+            self.store.ensure_space(f"deleting {len(ids)} points")
             self._shard().update(qe.UpdateOperation.delete_points(ids))
             self.store.last_write = time.monotonic()
 

@@ -23,6 +23,7 @@ class MemoryLayout:
     on_disk: bool = False  # original vectors memory-mapped from disk (large memories)
     indexing_threshold: int = 20_000  # unindexed points searched exactly until there are this many
     exact: bool = False  # every search exact (no HNSW): for checks, never the default
+    min_free_mb: int = 256  # Edge refuses writes below this much free disk (see RECO_MEMORY_MIN_FREE_MB)
     shards: int | None = None  # server/cluster only
     replication: int | None = None  # server/cluster only
 
@@ -33,5 +34,6 @@ class MemoryLayout:
             hnsw_ef=settings.memory_hnsw_ef, int8=settings.memory_quantization == "int8",
             oversampling=settings.memory_oversampling, on_disk=settings.memory_on_disk,
             indexing_threshold=settings.memory_indexing_threshold, exact=settings.memory_exact_search,
+            min_free_mb=settings.memory_min_free_mb,
             shards=settings.qdrant_shard_number, replication=settings.qdrant_replication_factor,
         )

@@ -280,9 +280,9 @@ def test_disk_full_on_the_data_dir(
     batch (rows already in the memory) passes, the second cannot be written. The metadata DB is PostgreSQL, so
     the failure is recorded. Then space is freed and the same ingestion succeeds, nothing lost or doubled."""
     disk = tmp_path / "disk"
-    with small_disk(disk) as mounted:
+    with small_disk(disk, "320m") as mounted:  # the engine's files: two 32 MB WAL segments, vectors, indexes
         settings = Settings(data_dir=disk / "data", database_url=postgres_url, clip_model="reco-tiny",
-                            clip_pretrained="", decode_workers=0, ingest_batch_size=16)
+                            clip_pretrained="", decode_workers=0, ingest_batch_size=16, memory_min_free_mb=64)
         prepare_storage(settings)
         service = IngestService(settings, encoder=tiny_encoder)
         first = ingest_source(flickr_manifest(SHARED_DATA, tmp_path / "a", 20), settings, service=service,
