@@ -60,6 +60,8 @@ class Metrics:
         try:
             response = await call_next(request)
             status = response.status_code
+            # the server's own time, so a client can tell it from the network and its own wait
+            response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - started) * 1000:.2f}"
             return response
         finally:
             route = request.scope.get("route")

@@ -142,6 +142,7 @@ class HttpClient:
         self.retry_s = retry_s
         self.timeout_s = timeout_s
         self.rediscover = rediscover  # a restarted server may listen elsewhere: ask the data dir again
+        self.last_server_ms: float | None = None
         self._http = self._client(server)
 
     def _client(self, server: ServerInfo) -> httpx.Client:
@@ -183,6 +184,7 @@ class HttpClient:
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
             self._follow_restart()
+        self.last_server_ms = _server_ms(response)
         if response.status_code >= 400:
             raise _error_of(response)
         return response
@@ -192,6 +194,18 @@ class HttpClient:
 
     def close(self) -> None:
         self._http.close()
+
+
+def _server_ms(response: httpx.Response) -> float | None:
+    """The server's own time for the request (its ``Server-Timing: app;dur=`` header), if it said."""
+    timing = response.headers.get("server-timing", "")
+    for part in timing.split(";"):
+        if part.strip().startswith("dur="):
+            try:
+                return float(part.strip()[4:])
+            except ValueError:
+                return None
+    return None
 
 
 def _error_of(response: httpx.Response) -> ServerError:
