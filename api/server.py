@@ -4,6 +4,7 @@ checkpoint, make keys for local clients, announce itself in the data dir, serve 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -76,6 +77,9 @@ def serve(settings: Settings, *, host: str, port: int, on_ready: Any = None) -> 
             on_ready(url)
 
     threading.Thread(target=announce_when_listening, name="reco-announce", daemon=True).start()
+    parent = int(os.environ.get("RECO_SERVE_EXIT_WITH_PID", "0") or 0)
+    if parent:  # started by `reco demo` (or a test): never outlive it, however it ended
+        threading.Thread(target=_exit_with, args=(parent, server), name="reco-parent-watch", daemon=True).start()
     # uvicorn re-raises SIGINT/SIGTERM after its graceful shutdown, with the handlers it found installed: these
     # no-ops let the cleanup below run (withdraw the announcement, close the engine) instead of dying first.
     previous = {sig: signal.signal(sig, _noted) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -88,6 +92,17 @@ def serve(settings: Settings, *, host: str, port: int, on_ready: Any = None) -> 
         indexer.stop()
         service.close()
         close_stores()
+
+
+def _exit_with(pid: int, server: Any) -> None:
+    while not server.should_exit:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            log.warning("reco serve: the process that started it (%d) is gone; shutting down", pid)
+            server.should_exit = True
+            return
+        time.sleep(1.0)
 
 
 def _noted(signum: int, frame: object) -> None:

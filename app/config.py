@@ -75,6 +75,9 @@ class Settings(BaseSettings):
 
     # --- jobs --------------------------------------------------------------------------------
     broker_url: str = "redis://127.0.0.1:6379/0"
+    broker_key_prefix: str = Field(
+        default="", max_length=64, description="Redis broker: a prefix for every key (queues included), so "
+        "several deployments can share one Redis database without taking each other's messages.")
     result_backend: str | None = None
 
     # --- encoder -----------------------------------------------------------------------------

@@ -40,6 +40,7 @@ class SearchQuery:
     text: str | None = None
     image_bytes: bytes | None = None
     filters: dict[str, Any] = field(default_factory=dict)
+    target: str | None = None  # "image" or "text" vectors; None: the other modality (CLIP retrieval)
 
 
 class Backend(Protocol):
@@ -58,7 +59,7 @@ class ServiceLike(Protocol):
 
 def _search_query(query: SearchQuery, reco: bool, k: int) -> ServiceSearchQuery:
     return ServiceSearchQuery(text=query.text, image_bytes=query.image_bytes, filters=query.filters, k=k,
-                              mode=RefineMode.BOTH if reco else RefineMode.CLIP)
+                              mode=RefineMode.BOTH if reco else RefineMode.CLIP, target=query.target)
 
 
 class ServingBackend:

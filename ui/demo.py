@@ -138,7 +138,7 @@ def demo(
         if not no_ui:
             from ui.cli import launch_ui
 
-            typer.echo(f"\nstarting the UI (a client of reco serve at {url}; Ctrl-C to stop) …")
+            typer.echo(f"\nstarting the UI (a client of reco serve at {url}; Ctrl-C to stop) …", err=as_json)
             launch_ui(settings, port or settings.ui_port, block=True)
     finally:
         close_stores()

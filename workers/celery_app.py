@@ -55,6 +55,8 @@ def create_celery_app(settings: Settings) -> Celery:
         vt = settings.broker_visibility_timeout_s
         transport = {"visibility_timeout": vt, "unacked_restore_interval": max(1, min(10, vt // 2)),
                      "unacked_restore_throttle": 1}
+        if settings.broker_key_prefix:  # several deployments (or test runs) sharing one Redis database
+            transport["global_keyprefix"] = settings.broker_key_prefix
     app.conf.update(
         task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],
         task_default_queue=MAINTENANCE,

@@ -105,7 +105,7 @@ def test_refine_worker_answers_like_the_serving_service(refine_stack: tuple[Stac
     assert local_service.store.backend == "reco-serve"
 
     answer = client.predict(image, CLASSES, mode="both")
-    assert answer["reco"] is not None and answer["reco_unavailable"] is None, answer
+    assert answer["reco"] is not None and answer["reco_unavailable"] is None, answer["reco_unavailable"]
     local = local_service.predict([("image", image)], PredictQuery(labels=CLASSES, mode=RefineMode.BOTH))[0]
     _same_predictions(answer, local)
     assert len(answer["neighbours"]) == 5 and all(n["caption"] for n in answer["neighbours"])

@@ -316,13 +316,15 @@ def test_transient_errors_are_told_apart_from_bad_input() -> None:
     from kombu.exceptions import OperationalError as BrokerDown
     from sqlalchemy.exc import OperationalError
 
-    from app.memory.base import MemoryStoreError
+    from app.memory.base import MemoryHeldElsewhere, MemoryStoreError
+    from app.remote import ServerUnreachable
     from workers.runtime import is_transient_error
 
     transient = [OperationalError("SELECT 1", {}, Exception("server closed the connection")),
                  httpx.ConnectError("refused"), ConnectionRefusedError(), BrokerDown("redis down"),
                  redis.exceptions.ConnectionError("reset"),
-                 MemoryStoreError("the local Qdrant store x is already open in another process (locked)")]
+                 MemoryHeldElsewhere("the memory at x is open in process 1 (an owner shutting down)"),
+                 ServerUnreachable("reco serve at http://127.0.0.1:1 did not answer (restarting)")]
     permanent = [ValueError("bad caption"), KeyError("x"), MemoryStoreError("collection holds 512-d vectors")]
     assert [is_transient_error(e) for e in transient] == [True] * len(transient)
     assert [is_transient_error(e) for e in permanent] == [False] * len(permanent)

@@ -247,6 +247,8 @@ def worker_env(data_dir: Path, database_url: str, broker_url: str) -> dict[str, 
         "RECO_INGEST_BATCH_SIZE": "50", "RECO_BROKER_VISIBILITY_TIMEOUT_S": "6",
         "RECO_INGEST_STALE_AFTER_S": "4", "RECO_MAINTENANCE_INTERVAL_S": "2", "RECO_WATCH_INTERVAL_S": "3600",
         "RECO_REEMBED_CHECK_INTERVAL_S": "3600", "RECO_REEMBED_BATCH_SIZE": "50", "HF_HUB_OFFLINE": "1",
+        # queues of this test's own: another test run on the same Redis (another checkout) never takes its messages
+        "RECO_BROKER_KEY_PREFIX": f"t{uuid.uuid4().hex[:8]}:",
     }
 
 
@@ -267,11 +269,9 @@ def make_stack(
 
 
 def shared_redis_broker(redis_url: str) -> str:
-    import redis
-
-    broker = redis_url.rsplit("/", 1)[0] + f"/{TEST_REDIS_DB}"
-    redis.Redis.from_url(broker).flushdb()
-    return broker
+    """A database of the shared Redis for these tests; each stack's keys carry a prefix of their own
+    (RECO_BROKER_KEY_PREFIX), so runs on the same Redis never see each other's queues (nothing is flushed)."""
+    return redis_url.rsplit("/", 1)[0] + f"/{TEST_REDIS_DB}"
 
 
 @pytest.fixture(name="stack")

@@ -154,11 +154,11 @@ def _reco(args: list[str], env: dict[str, str], timeout_s: float = 120) -> subpr
                           timeout=timeout_s)
 
 
-def test_qdrant_store_opened_by_a_second_process(
+def test_embedded_memory_opened_by_a_second_process(
     settings: Settings, tiny_encoder, tmp_path: Path, reliability: ReliabilitySummary,  # type: ignore[no-untyped-def]
 ) -> None:
-    """Local mode is single-process: a second process gets a clear error (no traceback) and changes nothing;
-    the first keeps working, and the store reopens intact."""
+    """An embedded memory has one owner: a second process gets a clear error naming the owner and what to do
+    (no traceback) and changes nothing; the first keeps working, and the store reopens intact."""
     prepare_storage(settings)
     service = IngestService(settings, encoder=tiny_encoder)
     first = ingest_source(flickr_manifest(SHARED_DATA, tmp_path / "a", 20), settings, service=service,
@@ -168,7 +168,8 @@ def test_qdrant_store_opened_by_a_second_process(
     second = flickr_manifest(SHARED_DATA, tmp_path / "b", 40)
     result = _reco(["ingest", str(second), "--json"], env)  # a second process tries to write
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "already open in another process" in result.stderr and "Traceback" not in result.stderr
+    assert f"is open in process {os.getpid()}" in result.stderr and "reco serve" in result.stderr
+    assert "Traceback" not in result.stderr
     assert result.stdout == ""
     again = ingest_source(second, settings, service=service, progress=False)  # the first process still works
     hits = service.memory.search(service.encoder.encode_texts(["a dog"])[0], "text", 5)
@@ -179,9 +180,9 @@ def test_qdrant_store_opened_by_a_second_process(
     submitted = first["seen"] + again["seen"]
     counts = memory_counts(service.repo, reopened, submitted=submitted, failed=first["failed"] + again["failed"])
     embedded = first["ingested"] + first["duplicates"] + again["ingested"] + again["duplicates"]
-    reliability.scenario("Qdrant store held by another process", submitted=submitted, embedded=embedded,
+    reliability.scenario("embedded memory held by another process", submitted=submitted, embedded=embedded,
                          failed=counts["failed"], lost=submitted - embedded - counts["failed"],
-                         duplicated=counts["duplicated"], faults=["Qdrant local store opened by a 2nd process"])
+                         duplicated=counts["duplicated"], faults=["embedded memory opened by a 2nd process"])
     assert counts["same_ids"] and counts["points"] == counts["items"] == len(expected_ids) == 40, counts
     assert counts["duplicated"] == 0 and embedded == submitted == 60
 

@@ -25,11 +25,10 @@ REDIS_DB = 14  # a database of its own on the shared Redis, flushed here only
 
 @pytest.fixture
 def refine_worker(ui_data: Path, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    import redis
 
     broker = redis_url.rsplit("/", 1)[0] + f"/{REDIS_DB}"
-    redis.Redis.from_url(broker).flushdb()
     monkeypatch.setenv("RECO_BROKER_URL", broker)
+    monkeypatch.setenv("RECO_BROKER_KEY_PREFIX", f"ui{uuid.uuid4().hex[:8]}:")  # queues of its own
     monkeypatch.setenv("RECO_UI_USE_WORKERS", "true")
     settings = get_settings()
     close_stores()
