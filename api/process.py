@@ -29,7 +29,8 @@ def start_server(settings: Settings, *, port: int | None = None, log: IO[bytes] 
     if chosen and not port_free(chosen, settings.api_host):
         chosen = 0  # taken: any free port (clients find the server through the data dir anyway)
     announcement = Path(settings.data_dir) / "serve.json"
-    child_env = dict(env or settings_env(settings)) | {"RECO_SERVE_EXIT_WITH_PID": str(os.getpid())}
+    base = dict(os.environ) | env if env is not None else settings_env(settings)
+    child_env = base | {"RECO_SERVE_EXIT_WITH_PID": str(os.getpid())}
     process = subprocess.Popen([*RECO, "serve", "--port", str(chosen)], env=child_env,
                                stdout=log, stderr=subprocess.STDOUT if log is not None else None,
                                start_new_session=True)
