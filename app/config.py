@@ -34,17 +34,39 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         default=None, description="SQLAlchemy URL; default SQLite in data_dir. Postgres: postgresql+psycopg://"
     )
-    qdrant_url: str | None = Field(default=None, description="Qdrant server URL; unset = local mode.")
-    qdrant_path: Path | None = Field(default=None, description="Qdrant local-mode folder (or ':memory:').")
+    qdrant_url: str | None = Field(
+        default=None, description="Qdrant server or cluster URL; unset = the embedded engine (Qdrant Edge).")
     qdrant_api_key: SecretStr | None = None
+    memory_path: Path | None = Field(
+        default=None, description="Folder of the embedded memory (Qdrant Edge); default <data_dir>/memory. "
+        "':memory:' = a throwaway store in a temp folder.")
+    qdrant_path: Path | None = Field(
+        default=None, description="Retired: a qdrant-client local-mode folder. Only `reco memory migrate` reads "
+        "it; any other command refuses to start while it is set.")
     memory_alias: str = Field(default="memory", description="Alias that points at the live collection.")
-    # Layout of new collections on a Qdrant server / cluster (docs/scaling.md); local mode ignores them.
+    # How collections are built and searched, on Edge and on a server alike (docs/performance.md has the curve).
+    memory_hnsw_m: int = Field(default=16, ge=4, le=128, description="HNSW edges per node.")
+    memory_hnsw_ef_construct: int = Field(default=100, ge=4, description="HNSW candidates while building.")
+    memory_hnsw_ef: int = Field(default=128, ge=1, description="HNSW candidates while searching (recall vs latency).")
+    memory_quantization: Literal["none", "int8"] = Field(
+        default="none", description="int8: scalar-quantized vectors in RAM, originals rescored.")
+    memory_oversampling: float = Field(
+        default=2.0, ge=1.0, description="int8: candidates per result before rescoring with the originals.")
+    memory_on_disk: bool = Field(default=False, description="Original vectors memory-mapped from disk.")
+    memory_indexing_threshold: int = Field(
+        default=20_000, ge=100, description="New points are searched exactly until this many are waiting; then "
+        "the owner builds their HNSW index.")
+    memory_exact_search: bool = Field(default=False, description="Every search exact (no HNSW): for checks.")
+    memory_min_free_mb: int = Field(
+        default=256, ge=0, description="The embedded engine writes only while its disk has this much free: it maps "
+        "its files (32 MB write-ahead-log segments) into memory, and a full disk under a mapping kills the process.")
+    memory_index_idle_s: float = Field(
+        default=2.0, ge=0, description="A long-lived owner (reco serve, a worker) indexes after this long without "
+        "requests (indexing holds the process while it runs).")
+    # Cluster layout of new collections on a Qdrant server (docs/scaling.md); Edge ignores them.
     qdrant_shard_number: int | None = Field(
         default=None, ge=1, description="Shards per new collection; None = Qdrant's default (one per node).")
     qdrant_replication_factor: int | None = Field(default=None, ge=1, description="Copies of every shard.")
-    qdrant_quantization: Literal["none", "int8"] = Field(
-        default="none", description="int8: scalar-quantized vectors in RAM, originals kept for rescoring.")
-    qdrant_on_disk: bool = Field(default=False, description="Original vectors and payloads memory-mapped on disk.")
 
     shared_data: Path = Field(
         default_factory=lambda: Path(__file__).resolve().parents[2] / "shared" / "data",
@@ -53,6 +75,9 @@ class Settings(BaseSettings):
 
     # --- jobs --------------------------------------------------------------------------------
     broker_url: str = "redis://127.0.0.1:6379/0"
+    broker_key_prefix: str = Field(
+        default="", max_length=64, description="Redis broker: a prefix for every key (queues included), so "
+        "several deployments can share one Redis database without taking each other's messages.")
     result_backend: str | None = None
 
     # --- encoder -----------------------------------------------------------------------------
@@ -130,10 +155,22 @@ class Settings(BaseSettings):
         default=300.0, gt=0, description="A submitted row still queued this long, with the embed queue "
         "drained, is re-enqueued (its message was lost, e.g. a broker restart without persistence).")
     maintenance_interval_s: float = Field(
-        default=60.0, gt=0, description="Beat: resume lost rows, reconcile, publish the refine snapshot.")
+        default=60.0, gt=0, description="Beat: resume lost rows and reconcile DB and memory.")
     reembed_check_interval_s: float = Field(
         default=3600.0, gt=0, description="Beat: re-embed when the configured encoder is not the live one.")
     refine_timeout_s: float = Field(default=30.0, gt=0, description="Clients wait this long for a refine answer.")
+
+    # --- reco serve: the one process that owns an embedded memory, and its HTTP API ----------------------
+    api_host: str = Field(default="127.0.0.1", description="reco serve binds here (localhost unless configured).")
+    api_port: int = Field(default=8765, ge=1, le=65535, description="reco serve's port.")
+    api_url: str | None = Field(
+        default=None, description="Reach a reco serve elsewhere; unset = the one announced in the data dir, if any.")
+    api_key: SecretStr | None = Field(
+        default=None, description="Key for RECO_API_URL (a server on this machine hands its local clients one).")
+    api_timeout_s: float = Field(default=120.0, gt=0, description="Clients wait this long for one answer.")
+    api_retry_s: float = Field(
+        default=90.0, ge=0, description="Clients retry an unreachable server this long (it may be restarting).")
+    api_max_body_bytes: int = Field(default=256 * 1024 * 1024, ge=1024, description="Largest request body.")
 
     # --- UI ----------------------------------------------------------------------------------------
     ui_port: int = 8501
@@ -143,15 +180,15 @@ class Settings(BaseSettings):
         default=False, description="The UI sends predictions and searches to the refine worker and ingestion to "
         "the embed workers (Celery, RECO_BROKER_URL) instead of running them in its own process.")
 
-    @field_validator("database_url", "qdrant_url", mode="before")
+    @field_validator("database_url", "qdrant_url", "api_url", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
 
     @model_validator(mode="after")
-    def _exclusive_qdrant_location(self) -> Settings:
-        if self.qdrant_url and self.qdrant_path:
-            raise ValueError("set RECO_QDRANT_URL or RECO_QDRANT_PATH, not both")
+    def _exclusive_memory_location(self) -> Settings:
+        if self.qdrant_url and self.memory_path:
+            raise ValueError("set RECO_QDRANT_URL (a server) or RECO_MEMORY_PATH (embedded), not both")
         return self
 
     # --- derived (explicit value or computed default) ------------------------------------------
@@ -160,13 +197,18 @@ class Settings(BaseSettings):
         return self.database_url or f"sqlite:///{self.data_dir / 'reco.db'}"
 
     @cached_property
-    def resolved_qdrant_path(self) -> str | None:
-        """Folder for local mode, ':memory:' for an in-process store, None when a server is used."""
+    def resolved_memory_path(self) -> str | None:
+        """Folder of the embedded memory, ':memory:' for a throwaway one, None when a server is used."""
         if self.qdrant_url:
             return None
-        if self.qdrant_path is not None:
-            return str(self.qdrant_path)
-        return str(self.data_dir / "qdrant")
+        if self.memory_path is not None:
+            return str(self.memory_path)
+        return str(self.data_dir / "memory")
+
+    @property
+    def legacy_local_store(self) -> Path:
+        """Where the retired qdrant-client local mode kept the memory (detected, converted by migrate)."""
+        return Path(self.qdrant_path) if self.qdrant_path is not None else self.data_dir / "qdrant"
 
     @property
     def is_random_init(self) -> bool:
@@ -174,7 +216,7 @@ class Settings(BaseSettings):
 
     def ensure_dirs(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        local = self.resolved_qdrant_path
+        local = self.resolved_memory_path
         if local and local != ":memory:":
             Path(local).mkdir(parents=True, exist_ok=True)
 

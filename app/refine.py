@@ -5,13 +5,14 @@
 (what the UI shows). :meth:`Refiner.apply_mode` picks the sides for the inference modes
 ``clip`` (v, t), ``image`` (v-bar, t), ``text`` (v, t-bar) and ``both`` (v-bar, t-bar).
 
-The memory is either the exact index (batched: evaluation, zero-shot class embeddings) or any
-``VectorMemory`` such as Qdrant (online, one query at a time). The memory may be changed or swapped
+The memory is either the exact index (batched: training, evaluation) or the engine behind any
+``VectorMemory`` (Qdrant Edge or a server: online queries and class prompts, HNSW). The memory may be changed or swapped
 after training without retraining (paper Fig. 3 middle): the refiner only reads it.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import torch
 from app.fusion.checkpoint import CheckpointMeta, load_checkpoint
 from app.fusion.config import FusionCfg
 from app.fusion.model import RecoFusion
-from app.memory.base import Filters, VectorMemory
+from app.memory.base import Filters, SearchHit, VectorMemory, distinct_images
 from app.memory.exact import ExactIndex
 from app.retrieval import RetrievalCfg, find_neighbours, gather_embeddings, retrieve_online
 from app.schemas import Modality, RefineMode
@@ -46,7 +47,7 @@ class Refinement:
 
 
 def memory_version_of(memory: VectorMemory) -> str:
-    """Names a memory's content for caches: the exact index hashes its ids, Qdrant gives name:count."""
+    """Names a memory's content for caches: the exact index hashes its ids, an engine gives name:count."""
     if isinstance(memory, ExactIndex):
         return memory.version
     name = getattr(memory, "collection", type(memory).__name__)
@@ -80,6 +81,14 @@ class Refiner:
     @property
     def memory_version(self) -> str:
         return memory_version_of(self.memory)
+
+    def with_k(self, k: int | None) -> Refiner:
+        """The same model and memory with another k' (a request's own); shares the weights."""
+        if k is None or k == self.k:
+            return self
+        clone = copy.copy(self)
+        clone.k = k
+        return clone
 
     # --- one query, with explanations --------------------------------------------------------
     def refine_image(self, v: np.ndarray, *, exclude_ids: tuple[str, ...] = ()) -> Refinement:
@@ -123,17 +132,43 @@ class Refiner:
 
     # --- many queries (batched over the exact index) ------------------------------------------
     def refine_many(self, vectors: np.ndarray, modality: Modality) -> np.ndarray:
-        """(n, d) refined embeddings; one batched search when the memory is the exact index."""
+        """(n, d) refined embeddings: one batched search per chunk (exact index or the engine)."""
         vectors = np.atleast_2d(np.asarray(vectors, np.float32))
-        if not isinstance(self.memory, ExactIndex):
-            return np.stack([self.refine_one(v, modality).vector for v in vectors]) if len(vectors) else vectors
         out = np.empty_like(vectors)
         for start in range(0, len(vectors), self.batch_size):
             chunk = vectors[start: start + self.batch_size]
-            found = find_neighbours(self.memory, chunk, modality, self.k, self.retrieval)
-            emb, valid = gather_embeddings(self.memory, found.rows, self.retrieval.fused(modality))
+            if isinstance(self.memory, ExactIndex):
+                found = find_neighbours(self.memory, chunk, modality, self.k, self.retrieval)
+                emb, valid = gather_embeddings(self.memory, found.rows, self.retrieval.fused(modality))
+            else:
+                emb, valid = self._online_batch(chunk, modality)
             out[start: start + len(chunk)] = self._fuse(chunk, emb, modality, valid)[0]
         return out
+
+    def _online_batch(self, queries: np.ndarray, modality: Modality) -> tuple[np.ndarray, np.ndarray]:
+        """Neighbour embeddings (n, k, d) and mask for many queries: one batch search, one read by id."""
+        dedupe = self.retrieval.dedupe_by_image
+        fetch = self.k * 5 if dedupe else self.k
+        found = self.memory.search_batch(queries, self.retrieval.searched(modality), fetch, filters=self.filters)
+        kept: list[list[SearchHit]] = []
+        for query, hits in zip(queries, found, strict=True):
+            chosen = distinct_images(hits, self.k) if dedupe else hits[: self.k]
+            if dedupe and len(chosen) < self.k and len(hits) == fetch:  # an image with many rows: ask again
+                chosen = retrieve_online(self.memory, query, modality, self.k, self.retrieval,
+                                         filters=self.filters).hits
+            kept.append(chosen)
+        ids = list(dict.fromkeys(h.item_id for hits in kept for h in hits))
+        dim = queries.shape[1]
+        emb = np.zeros((len(queries), self.k, dim), np.float32)
+        valid = np.zeros((len(queries), self.k), bool)
+        if ids:
+            vectors = self.memory.fetch_vectors(ids, self.retrieval.fused(modality))
+            row_of = {item_id: n for n, item_id in enumerate(ids)}
+            for q, hits in enumerate(kept):
+                for j, hit in enumerate(hits):
+                    emb[q, j] = vectors[row_of[hit.item_id]]
+                    valid[q, j] = True
+        return emb, valid
 
     def _fuse(
         self, queries: np.ndarray, neighbours: np.ndarray, modality: Modality, valid: np.ndarray | None = None

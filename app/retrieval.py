@@ -10,8 +10,8 @@ best-scoring of its rows: its caption is the one whose text embedding is handed 
 image->image search all captions of one image tie (same image embedding); the tie is broken by the
 lowest row, so the choice is deterministic.
 
-Two back ends: :func:`find_neighbours` over an :class:`ExactIndex` (batched, for training and
-evaluation) and :func:`retrieve_online` over any ``VectorMemory`` (Qdrant, for online refinement).
+Two paths: :func:`find_neighbours` over an :class:`ExactIndex` (batched, for training and evaluation)
+and :func:`retrieve_online` over any ``VectorMemory`` (the engine's HNSW, for online refinement).
 """
 
 from __future__ import annotations
@@ -140,33 +140,10 @@ def gather_embeddings(index: ExactIndex, rows: np.ndarray, modality: Modality) -
 
 
 # --- online, over any VectorMemory ---------------------------------------------------------------
-def fetch_vectors(memory: VectorMemory, item_ids: Sequence[str], modality: Modality) -> np.ndarray:
-    """Stored vectors of ``item_ids`` (the exact index has them in RAM, Qdrant returns them by id)."""
-    if not item_ids:
-        return np.zeros((0, 0), np.float32)
-    if hasattr(memory, "fetch_vectors"):
-        return np.asarray(memory.fetch_vectors(item_ids, modality), np.float32)
-    if hasattr(memory, "retrieve"):
-        points = {str(p.id): p for p in memory.retrieve(item_ids, with_vectors=True)}
-        return np.stack([np.asarray(points[i].vector[str(modality)], np.float32) for i in item_ids])
-    raise TypeError(f"{type(memory).__name__} cannot return stored vectors")
-
-
 @dataclass
 class OnlineNeighbours:
     hits: list[SearchHit]
     embeddings: np.ndarray  # (len(hits), d): the fused modality's embeddings
-
-
-def _dedupe_hits(hits: list[SearchHit], k: int) -> list[SearchHit]:
-    seen: set[str] = set()
-    kept: list[SearchHit] = []
-    for hit in sorted(hits, key=lambda h: -h.score):  # stable: Qdrant's order among ties is kept
-        image = hit.payload.image_hash if hit.payload is not None else hit.item_id
-        if image not in seen:
-            seen.add(image)
-            kept.append(hit)
-    return kept[:k]
 
 
 def retrieve_online(
@@ -179,14 +156,11 @@ def retrieve_online(
     filters: Filters | None = None,
     exclude_ids: Sequence[str] = (),
 ) -> OnlineNeighbours:
-    """One query against any ``VectorMemory``; over-fetches until k distinct images (or the end)."""
-    searched = cfg.searched(query_modality)
-    fetch = k * 5 if cfg.dedupe_by_image else k
-    while True:
-        hits = memory.search(vector, searched, fetch, filters=filters, exclude_ids=exclude_ids)
-        kept = _dedupe_hits(hits, k) if cfg.dedupe_by_image else hits[:k]
-        if len(kept) >= k or len(hits) < fetch:
-            break
-        fetch *= 4
-    embeddings = fetch_vectors(memory, [h.item_id for h in kept], cfg.fused(query_modality))
-    return OnlineNeighbours(hits=kept, embeddings=embeddings)
+    """One query against the engine (Edge, a server, or the exact index): k neighbours (k distinct images
+    by default), then the fused modality's stored vectors of those neighbours, read back by id."""
+    hits = memory.search(vector, cfg.searched(query_modality), k, filters=filters, exclude_ids=exclude_ids,
+                         distinct_images=cfg.dedupe_by_image)[:k]
+    if not hits:
+        return OnlineNeighbours(hits=[], embeddings=np.zeros((0, len(np.ravel(vector))), np.float32))
+    embeddings = memory.fetch_vectors([h.item_id for h in hits], cfg.fused(query_modality))
+    return OnlineNeighbours(hits=hits, embeddings=np.asarray(embeddings, np.float32))

@@ -51,5 +51,6 @@ class RejectReason(StrEnum):
     URL_NOT_ALLOWED = "url_not_allowed"
     BAD_ROW = "bad_row"
     BAD_ENCODING = "bad_encoding"
+    TAKEN_DOWN = "taken_down"  # the item was deleted (takedown): it is never ingested again
     ENCODE_ERROR = "encode_error"
     STORE_ERROR = "store_error"

@@ -128,6 +128,14 @@ class ClassEmbeddingCache:
         self.misses += 1
         return None
 
+    def clear(self) -> None:
+        """Forget everything (an item was taken down: no cached embedding may still carry it)."""
+        with self._lock:
+            self._mem.clear()
+        if self.folder is not None and self.folder.is_dir():
+            for path in self.folder.glob("*.npy"):
+                path.unlink(missing_ok=True)
+
     def put(self, key: str, value: np.ndarray) -> None:
         with self._lock:
             self._mem[key] = value

@@ -84,11 +84,11 @@ def prepared_batches(
 def store_while_encoding(
     service: IngestService, job_id: int, batches: Iterable[tuple[int, list[PreparedItem | FailedInput]]], bar: tqdm
 ) -> None:
-    """Encode batch N+1 while a writer thread stores batch N (Qdrant upsert, then *embedded* in the DB).
+    """Encode batch N+1 while a writer thread stores batch N (memory upsert, then *embedded* in the DB).
 
-    Storing waits mostly on disk (Qdrant local mode commits every point to SQLite: ~17 ms a point measured
-    here, ~15 % of the encode time), so overlapping it costs the encoder no CPU. Crash order per item is
-    unchanged (pending -> vectors -> embedded); a store error surfaces at the next batch and fails the job.
+    Storing waits mostly on the database and the engine's write-ahead log, so overlapping it costs the
+    encoder little CPU. Crash order per item is unchanged (pending -> vectors -> embedded); a store error
+    surfaces at the next batch and fails the job.
     """
 
     def report(done: Future[BatchOutcome], size: int) -> None:
@@ -117,8 +117,11 @@ def ingest_source(
     split: str | None = None,
     service: IngestService | None = None,
     progress: bool = True,
+    job_id: int | None = None,
 ) -> dict[str, Any]:
-    """Ingest every row of a folder or manifest (or of one ``split``); returns the job summary."""
+    """Ingest every row of a folder or manifest (or of one ``split``); returns the job summary.
+
+    ``job_id``: a job already created for it (``reco serve`` answers with the job before the work starts)."""
     path = Path(source).expanduser()
     rows: Iterator[InputRow] = iter_source(path, settings)
     if split is not None:  # rows of other splits are not this job's: not seen, not counted
@@ -126,7 +129,8 @@ def ingest_source(
     if limit is not None:
         rows = itertools.islice(rows, limit)
     service = service or IngestService(settings)
-    job_id = service.start_job(str(path.resolve()), source_kind(path))
+    if job_id is None:
+        job_id = service.start_job(str(path.resolve()), source_kind(path))
     preprocess = getattr(service.encoder, "preprocess", None)
     preprocess_uint8 = getattr(service.encoder, "preprocess_uint8", None)
     try:
@@ -137,4 +141,5 @@ def ingest_source(
         service.finish_job(job_id, JobStatus.FAILED, f"{type(exc).__name__}: {exc}")
         raise
     service.finish_job(job_id, JobStatus.COMPLETED)
+    service.index_pending(announce=(lambda line: tqdm.write(line)) if progress else None)
     return job_summary(service.repo, job_id)

@@ -7,10 +7,10 @@ Needs Redis (broker) and, by default, PostgreSQL (one fresh database per path, d
 ``--sqlite`` uses SQLite files instead). Both paths ingest the same N Flickr8k images (one caption
 each) with the configured encoder (``RECO_CLIP_MODEL`` / ``RECO_CLIP_PRETRAINED``; default the committed base
 ``reco-base``, named in the JSON as ``encoder``) into
-Qdrant local mode, on whatever device ``RECO_DEVICE`` resolves to. Throughput counts from the first row
-read to the last row embedded, model loading excluded (both load it before the clock starts).
-Refine latency: a ``refine`` worker serving the async path's memory (published snapshot, a 1-epoch
-fusion checkpoint), N ``predict`` and N ``search`` requests one after another, after 5 warm-up ones.
+the embedded engine (Qdrant Edge), on whatever device ``RECO_DEVICE`` resolves to. Throughput counts from
+the first row read to the last row embedded, model loading excluded (both load it before the clock starts).
+Refine latency: a ``refine`` worker serving the async path's memory through ``reco serve`` (which owns it;
+a 1-epoch fusion checkpoint), N ``predict`` and N ``search`` requests one after another, after 5 warm-up ones.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def env_for(args: argparse.Namespace, data_dir: Path, database_url: str) -> dict
     return {"RECO_DATA_DIR": str(data_dir), "RECO_DATABASE_URL": database_url, "RECO_BROKER_URL": args.broker,
             "RECO_ALLOWED_ROOTS": json.dumps([str(SHARED)]), "RECO_DECODE_WORKERS": str(args.decode_workers),
             "RECO_EMBED_MAX_BATCH": str(args.batch), "RECO_INGEST_BATCH_SIZE": str(args.batch),
-            "RECO_K_INFER": "10", "HF_HUB_OFFLINE": "1"}
+            "RECO_K_INFER": "10", "HF_HUB_OFFLINE": "1", "RECO_BROKER_KEY_PREFIX": f"bench{uuid.uuid4().hex[:8]}:"}
 
 
 def settings_for(env: dict[str, str]) -> Any:
@@ -146,9 +146,9 @@ def bench_async(manifest: Path, settings: Any, env: dict[str, str], logs: Path, 
 def bench_refine(settings: Any, env: dict[str, str], logs: Path, manifest: Path, requests: int) -> dict[str, Any]:
     import numpy as np
 
-    from app.memory.qdrant import close_qdrant_clients
+    from api.process import start_server, stop_server
+    from app.memory.store import close_stores
     from app.services.ingest import IngestService
-    from app.services.snapshots import publish_snapshot
     from app.services.train import TrainRequest, run_training
     from workers.celery_app import create_celery_app
     from workers.client import RefineClient
@@ -156,8 +156,9 @@ def bench_refine(settings: Any, env: dict[str, str], logs: Path, manifest: Path,
     service = IngestService(settings)
     run_training(settings, TrainRequest(dataset=manifest.parent.name, split="train", epochs=1, batch_size=256,
                                         progress=False), encoder=service.encoder, memory=service.memory)
-    publish_snapshot(settings, repo=service.repo, memory=service.memory, force=True)
-    close_qdrant_clients()
+    close_stores()  # reco serve owns the memory from here on; the refine worker reaches it through it
+    with (logs / "serve.log").open("wb") as serve_log:
+        server, _ = start_server(settings, port=0, log=serve_log, env=env)
     worker = spawn(["worker", "--queues", "refine", "--concurrency", "1", "--loglevel", "info"], env,
                    logs / "refine.log", " ready.")
     client = RefineClient(create_celery_app(settings), timeout_s=120)
@@ -179,11 +180,12 @@ def bench_refine(settings: Any, env: dict[str, str], logs: Path, manifest: Path,
         stats = client.stats()
     finally:
         stop(worker)
+        stop_server(server)
     client_side = {k: {"p50_ms": round(float(np.percentile(v, 50)) * 1000, 1),
                        "p99_ms": round(float(np.percentile(v, 99)) * 1000, 1)} for k, v in round_trips.items()}
     worker_side = {k: {"p50_ms": round(v["p50_ms"], 1), "p99_ms": round(v["p99_ms"], 1), "n": v["n"]}
                    for k, v in stats["latency"].items()}
-    return {"worker_side": worker_side, "round_trip": client_side, "memory_items": stats["memory_count"],
+    return {"worker_side": worker_side, "round_trip": client_side, "memory": stats.get("memory"),
             "k": settings.k_infer}
 
 
@@ -200,9 +202,6 @@ def main() -> None:
     parser.add_argument("--json-out", type=Path, default=ROOT / "test-artifacts" / "bench_workers.json")
     args = parser.parse_args()
     args.created = []
-    import redis
-
-    redis.Redis.from_url(args.broker).flushdb()
     result: dict[str, Any] = {"n": args.n, "batch": args.batch, "decode_workers": args.decode_workers,
                               "cpus": os.cpu_count(), "database": "sqlite" if args.sqlite else "postgresql"}
     with tempfile.TemporaryDirectory(prefix="reco-bench-") as tmp:

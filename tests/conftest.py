@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 import pytest
 
 from app.config import Settings
-from app.memory.qdrant import close_qdrant_clients
+from app.memory.store import close_stores
 
 SHARED_DATA = Path(os.environ.get("RECO_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 POSTGRES_URL = os.environ.get("RECO_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -57,7 +57,7 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[N
     monkeypatch.setenv("RECO_DATA_DIR", str(tmp_path / "reco-data"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     yield
-    close_qdrant_clients()
+    close_stores()
 
 
 @pytest.fixture

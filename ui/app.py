@@ -42,7 +42,9 @@ def main() -> None:
         st.stop()
     with st.sidebar:
         st.caption(f"encoder `{settings.clip_model}` · {'RANDOM weights' if settings.is_random_init else 'pretrained'}")
-        st.caption("answers: " + ("refine worker (Celery)" if settings.ui_use_workers else "in-process"))
+        client = None if settings.ui_use_workers else state.server_client(settings)
+        st.caption("answers: " + ("refine worker (Celery)" if settings.ui_use_workers
+                                  else f"reco serve ({client.url})" if client is not None else "in-process"))
     components.random_weights_banner(settings)
     page.run()
 

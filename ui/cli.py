@@ -155,17 +155,36 @@ def ui(
     headless: Annotated[bool | None, typer.Option("--headless/--no-headless",
                                                   help="Do not open a browser (default: when there is no display).")]
     = None,
+    server: Annotated[bool, typer.Option("--server/--no-server", help="Start `reco serve` when none runs, so other "
+                                         "commands can use the memory while the UI does (default).")] = True,
 ) -> None:
     """Start the web UI (Streamlit): predict, search, memory, ingestion, evaluation, operations."""
     from app.cli._common import fail, load_settings  # not at import: app.cli loads this module as a plugin
+    from app.remote import find_server
 
     settings = load_settings()
     chosen = port or settings.ui_port
+    started = None
+    if server and not settings.qdrant_url and not settings.ui_use_workers and find_server(settings) is None:
+        from api.process import ServerLaunchError, start_server, stop_server
+
+        log_path = Path(settings.data_dir) / "logs" / "serve.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        typer.echo(f"starting reco serve, the memory's owner (log {log_path}) …")
+        try:
+            with log_path.open("ab") as log:
+                started, url = start_server(settings, log=log)
+        except ServerLaunchError as exc:
+            fail(f"{exc} (see {log_path}; or run with --no-server)", code=1)
+        typer.echo(f"reco serve at {url}: the UI and every other command go through it")
     typer.echo(f"RECO UI on http://127.0.0.1:{chosen} (Ctrl-C to stop)")
     try:
         launch_ui(settings, chosen, block=True, headless=headless)
     except UILaunchError as exc:
         fail(str(exc))
+    finally:
+        if started is not None:
+            stop_server(started)
 
 
 def register(cli: typer.Typer) -> None:

@@ -1,7 +1,10 @@
-"""``reco demo``: the offline first run — ingest the bundled sample, load (or train) a fusion checkpoint,
-show CLIP vs RECO on the sample's held-out images, then start the UI.
+"""``reco demo``: the offline first run — start ``reco serve`` (the one process that owns the memory),
+ingest the bundled sample through it, load (or train) a fusion checkpoint, show CLIP vs RECO on the
+sample's held-out images, then start the UI as the server's client.
 
-Lives in ``ui/`` because it ends in the UI and uses the ingestion layer; it only calls services.
+While the demo runs, every other ``reco`` command (``reco ingest``, ``reco status``, ``reco search``) finds
+the server in the data dir and goes through it. Lives in ``ui/`` because it ends in the UI and uses the
+ingestion and API layers; it only calls services.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ def _checkpoint(settings: Settings, encoder_id: str, sample_dataset: str, progre
 
 
 def run_demo(settings: Settings, *, sample: Path = SAMPLE_DIR, progress: bool = True) -> dict[str, Any]:
+    """The demo's steps in this process; the memory is reached through the running server when there is one."""
     from app.encoder import create_encoder
     from app.services.evaluate import EvalRequest, run_evaluation
     from app.services.ingest import prepare_storage
@@ -97,21 +101,49 @@ def demo(
     port: Annotated[int | None, typer.Option(help="UI port (default RECO_UI_PORT).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object.")] = False,
 ) -> None:
-    """Offline demo on embedded defaults: ingest the bundled sample, load or train the fusion, CLIP vs RECO."""
+    """Offline demo on embedded defaults: reco serve, the bundled sample ingested through it, the fusion, CLIP vs
+    RECO, then the UI as the server's client."""
+    from api.process import start_server, stop_server
+    from app.memory.store import close_stores
+    from app.remote import find_server
+    from app.services.ingest import prepare_storage
+
     settings = load_settings()
+    server = None
+    running = find_server(settings)
     try:
-        result = run_demo(settings, progress=not as_json)
+        if running is None:
+            prepare_storage(settings)
+            close_stores()  # the server owns the memory: this process goes through it from here on
+            log_path = Path(settings.data_dir) / "logs" / "serve.log"
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            if not as_json:
+                typer.echo(f"starting reco serve (the memory's owner; log {log_path}) …")
+            with log_path.open("ab") as log:
+                server, url = start_server(settings, log=log)
+        else:
+            url = running.url
+        if not as_json:
+            typer.echo(f"reco serve at {url} (API docs {url}/docs) — other `reco` commands go through it")
+        result = run_demo(settings, progress=not as_json) | {"server": url}
     except Exception as exc:  # noqa: BLE001 - the demo explains what went wrong instead of a traceback
+        if server is not None:
+            stop_server(server)
         fail(f"demo failed: {type(exc).__name__}: {exc}")
     if as_json:
         print_json(result)
     else:
         _print_table(result)
-    if not no_ui:
-        from ui.cli import launch_ui
+    try:
+        if not no_ui:
+            from ui.cli import launch_ui
 
-        typer.echo("\nstarting the UI (Ctrl-C to stop) …")
-        launch_ui(settings, port or settings.ui_port, block=True)
+            typer.echo(f"\nstarting the UI (a client of reco serve at {url}; Ctrl-C to stop) …", err=as_json)
+            launch_ui(settings, port or settings.ui_port, block=True)
+    finally:
+        close_stores()
+        if server is not None:
+            stop_server(server)
 
 
 def register(cli: typer.Typer) -> None:

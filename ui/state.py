@@ -1,8 +1,8 @@
-"""What the pages share across reruns, built once per process with ``st.cache_resource``: the encoder
-(weights loaded once), the metadata DB, the memory handles, the fusion refiner, the search service, the
-Celery app and the ingestion runner. Every cache is keyed by the settings it was built from, so a
-changed setting builds a new object instead of reusing a stale one. Settings themselves are read on
-every run (cheap) so that ``RECO_*`` is the single source of truth.
+"""What the pages share across reruns, built once per process with ``st.cache_resource``: the serving
+service (a client of the running ``reco serve``, or the service in this process: encoder, memory and fusion
+loaded once), the metadata DB, the Celery app and the ingestion runner. Every cache is keyed by the settings
+it was built from, so a changed setting builds a new object instead of reusing a stale one. Settings themselves
+are read on every run (cheap) so that ``RECO_*`` is the single source of truth.
 """
 
 from __future__ import annotations
@@ -22,12 +22,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.config import Settings, get_settings
 from app.db.repo import MetadataRepo
 from app.db.session import make_session_factory, upgrade_database
-from app.encoder import Encoder, collection_name_for, create_encoder
-from app.memory.qdrant import QdrantMemory, get_qdrant_client
-from app.refine import Refiner, refiner_from_checkpoint
-from app.services.method_common import MethodError, resolve_checkpoint, resolve_device
-from app.services.search import SearchService
-from ui.backend import Backend, InProcessBackend, WorkerBackend
+from app.encoder import Encoder, create_encoder
+from ui.backend import Backend, ServingBackend, WorkerBackend
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -42,10 +38,6 @@ def load_settings() -> Settings:
 
 def fingerprint(settings: Settings) -> str:
     return hashlib.sha256(settings.model_dump_json().encode()).hexdigest()[:16]
-
-
-def _location(settings: Settings) -> str:
-    return settings.qdrant_url or settings.resolved_qdrant_path or ""
 
 
 # --- encoder and metadata -----------------------------------------------------------------------------
@@ -77,50 +69,40 @@ def distinct_values(url: str, column: str) -> list[Any]:
     return MetadataRepo(session_factory(url)).distinct_values(column)
 
 
-# --- memory, refiner, search ----------------------------------------------------------------------------
-@st.cache_resource(show_spinner=False, max_entries=16)
-def _memory(location: str, collection: str, _settings: Settings) -> QdrantMemory:
-    return QdrantMemory(get_qdrant_client(_settings), collection)
+# --- the serving service ------------------------------------------------------------------------------
+def server_client(settings: Settings) -> Any:
+    """A client of the running ``reco serve`` (the UI's own key), or None when no server runs."""
+    from app.remote import find_server
 
-
-def live_memory(settings: Settings) -> QdrantMemory:
-    """The alias searches use (raises MemoryStoreError when the local store is held by another process)."""
-    return _memory(_location(settings), settings.memory_alias, settings)
-
-
-def encoder_memory(settings: Settings, encoder_id: str) -> QdrantMemory:
-    """The collection of ``encoder_id``; MethodError while it is empty (RECO needs a memory)."""
-    memory = _memory(_location(settings), collection_name_for(encoder_id), settings)
-    if not memory.exists() or memory.count() == 0:
-        raise MethodError(f"the memory holds no embeddings for encoder {encoder_id}: ingest something first")
-    return memory
-
-
-@st.cache_resource(show_spinner="Loading the fusion checkpoint …", max_entries=8)
-def _refiner(path: str, stamp: str, collection: str, k: int, location: str, _settings: Settings,
-             _memory: QdrantMemory, _sha256: str | None) -> Refiner:
-    refiner, _ = refiner_from_checkpoint(Path(path), _memory, k=k, expected_sha256=_sha256,
-                                         device=resolve_device(_settings))
-    return refiner
-
-
-def refiner(settings: Settings, encoder_id: str) -> Refiner:
-    """The newest fusion checkpoint of ``encoder_id`` over its memory; MethodError when there is none."""
-    memory = encoder_memory(settings, encoder_id)
-    path, record = resolve_checkpoint(settings, encoder_id, None, session_factory(settings.resolved_database_url))
-    stamp = record.sha256 if record else f"{path.stat().st_mtime_ns}:{path.stat().st_size}"
-    return _refiner(str(path), stamp, memory.collection, settings.k_infer, _location(settings), settings, memory,
-                    record.sha256 if record else None)
+    server = find_server(settings, "ui")
+    if server is None:
+        return None
+    return _server_client(server.url, server.key or "", settings)
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
-def _search_service(key: str, _settings: Settings, _encoder: Encoder) -> SearchService:
-    return SearchService(_settings, encoder=_encoder, memory=live_memory(_settings))
+def _server_client(url: str, key: str, _settings: Settings) -> Any:
+    from app.remote import ServerInfo
+    from app.services.serving_client import ServingClient
+
+    return ServingClient.connect(_settings, ServerInfo(url, key or None, announced=True), "ui")
 
 
-def search_service(settings: Settings) -> SearchService:
-    enc = encoder(settings)
-    return _search_service(f"{fingerprint(settings)}|{enc.encoder_id}", settings, enc)
+@st.cache_resource(show_spinner="Loading the encoder and the memory …", max_entries=2)
+def _in_process_service(key: str, _settings: Settings) -> Any:
+    from app.services.serving import ServingService
+    from ingestion.pipeline import ingest_source
+
+    service = ServingService(_settings, encoder=encoder(_settings), repo=repo(_settings), ingest_runner=ingest_source)
+    return service
+
+
+def service(settings: Settings) -> Any:
+    """The one serving service: through ``reco serve`` when it runs, else in this process."""
+    client = server_client(settings)
+    if client is not None:
+        return client
+    return _in_process_service(fingerprint(settings), settings)
 
 
 # --- backends ----------------------------------------------------------------------------------------
@@ -136,16 +118,15 @@ def celery_app(settings: Settings) -> Celery:
 
 
 def backend(settings: Settings) -> Backend:
-    """The refine worker when ``RECO_UI_USE_WORKERS`` is set, else the services in this process."""
+    """The refine worker when ``RECO_UI_USE_WORKERS`` is set, else the serving service (server or in-process)."""
     if settings.ui_use_workers:
         from workers.client import RefineClient
 
-        return WorkerBackend(RefineClient(celery_app(settings), settings.refine_timeout_s), repo(settings))
-    enc = encoder(settings)
-    return InProcessBackend(settings, enc, repo(settings),
-                            memory=lambda: encoder_memory(settings, enc.encoder_id),
-                            refiner=lambda: refiner(settings, enc.encoder_id),
-                            search_service=lambda: search_service(settings))
+        return WorkerBackend(RefineClient(celery_app(settings), settings.refine_timeout_s))
+    client = server_client(settings)
+    if client is not None:
+        return ServingBackend(client, f"reco serve ({client.url})")
+    return ServingBackend(_in_process_service(fingerprint(settings), settings), "in-process")
 
 
 # --- class sets for zero-shot ---------------------------------------------------------------------------

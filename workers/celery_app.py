@@ -1,7 +1,7 @@
 """The Celery application, built from :class:`~app.config.Settings` (nothing else is configured here).
 
 Queues: ``embed`` (micro-batched item embedding), ``refine`` (RECO predict/search), ``maintenance``
-(lost-row resends, reconciliation, re-embedding, snapshots, watch-folder scans). Every task is
+(lost-row resends, reconciliation, re-embedding, watch-folder scans). Every task is
 acknowledged late and rejected back to its queue when its worker process dies, so a crash redelivers
 instead of losing; the work itself is idempotent (content-derived item ids, the ingest ledger).
 
@@ -39,7 +39,6 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, object]]:
     every = timedelta(seconds=settings.maintenance_interval_s)
     return {
         "resend-lost-ingest-rows": {"task": "reco.maintenance.resend_lost", "schedule": every},
-        "publish-memory-snapshot": {"task": "reco.maintenance.publish_snapshot", "schedule": every},
         "reconcile-memory": {"task": "reco.maintenance.reconcile", "schedule": every * 10},
         "scan-watch-folders": {"task": "reco.maintenance.scan_watch_folders",
                                "schedule": timedelta(seconds=settings.watch_interval_s)},
@@ -56,6 +55,8 @@ def create_celery_app(settings: Settings) -> Celery:
         vt = settings.broker_visibility_timeout_s
         transport = {"visibility_timeout": vt, "unacked_restore_interval": max(1, min(10, vt // 2)),
                      "unacked_restore_throttle": 1}
+        if settings.broker_key_prefix:  # several deployments (or test runs) sharing one Redis database
+            transport["global_keyprefix"] = settings.broker_key_prefix
     app.conf.update(
         task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],
         task_default_queue=MAINTENANCE,

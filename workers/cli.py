@@ -29,9 +29,12 @@ def worker(
     if pool not in POOLS:
         fail(f"unknown pool {pool!r}; choose from {', '.join(POOLS)}")
     owns_store = {"embed", "maintenance"} & set(chosen)
-    if owns_store and not settings.qdrant_url and concurrency > 1:
-        fail("Qdrant local mode is single-process: an embed/maintenance worker needs --concurrency 1, "
-             "or a Qdrant server (RECO_QDRANT_URL)")
+    from app.remote import find_server
+
+    if owns_store and not settings.qdrant_url and concurrency > 1 and find_server(settings) is None:
+        fail("the embedded memory has one owner: without `reco serve` running, an embed/maintenance worker opens "
+             "it itself and needs --concurrency 1; start `reco serve` (the workers then go through it) or use a "
+             "Qdrant server (RECO_QDRANT_URL)")
     settings.ensure_dirs()
     argv = ["worker", "-Q", ",".join(chosen), "-c", str(concurrency), "-P", pool, "-l", loglevel,
             f"--prefetch-multiplier={prefetch_multiplier(settings, chosen)}", "--without-gossip", "--without-mingle"]
@@ -39,7 +42,7 @@ def worker(
 
 
 def beat(loglevel: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info") -> None:
-    """Start the scheduler: lost-row resends, snapshots, reconciliation, watch folders, re-embedding."""
+    """Start the scheduler: lost-row resends, reconciliation, watch folders, re-embedding."""
     from workers.celery_app import app
 
     settings = load_settings()

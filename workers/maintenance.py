@@ -33,15 +33,12 @@ def _encoder(runtime: WorkerRuntime, model: str, pretrained: str, seed: int | No
 
 def reembed_slice(runtime: WorkerRuntime, model: str, pretrained: str, seed: int | None, *, swap: bool,
                   slice_s: float) -> dict[str, Any]:
-    """Up to ``slice_s`` seconds of re-embedding; after a swap, publish the new memory for the refine worker."""
-    from app.services.snapshots import publish_snapshot
-
+    """Up to ``slice_s`` seconds of re-embedding; after a swap the next embed batch loads the new encoder."""
     ingest = runtime.ingest_service()  # owns the Qdrant client of this process
     service = ReembedService(runtime.settings, _encoder(runtime, model, pretrained, seed), repo=ingest.repo,
-                             client=ingest.memory.client)
+                             store=ingest.store)
     progress = service.run(max_seconds=slice_s, swap=swap)
     if progress.swapped:
-        publish_snapshot(runtime.settings, repo=ingest.repo, memory=ingest.memory, force=True)
         runtime.ingest_service()  # load the new live encoder for the next embed batch
     finished = progress.remaining == 0 and (not swap or progress.live_encoder_id == progress.encoder_id)
     return progress.model_dump() | {"finished": finished}

@@ -1,8 +1,9 @@
 """What a worker process builds once and keeps: encoder, services, the task sender.
 
 Built lazily in the process that runs the tasks (a prefork child, after the fork), never in the main
-process, so the local Qdrant store is opened by exactly one process: the one that consumes ``embed``
-and ``maintenance`` (local mode is single-process; a server has no such limit).
+process: an embedded memory (Qdrant Edge) is opened by one process only — ``reco serve`` when it runs
+(the workers then reach the memory through it), else the worker consuming ``embed`` and ``maintenance``.
+A Qdrant server has no such limit.
 
 The embed side follows the *live* embedding version: after a re-embedding swapped the alias, the next
 batch loads the new encoder, so new items land in the collection searches use.
@@ -66,6 +67,7 @@ class WorkerRuntime:
         self._batches: EmbedBatchService | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._refine: Any = None
+        self._indexer: Any = None
 
     @property
     def sender(self) -> CeleryTaskSender:
@@ -94,6 +96,11 @@ class WorkerRuntime:
                     log.warning("live version is now %s: loading its encoder", live.encoder_id if live else None)
                 self._ingest = IngestService(self.settings, encoder=self._live_encoder())
                 self._batches = None
+                if self._indexer is None:  # this process owns an embedded memory: index it when idle
+                    from app.memory.indexer import BackgroundIndexer
+
+                    self._indexer = BackgroundIndexer(self._ingest.store,
+                                                      idle_s=self.settings.memory_index_idle_s).start()
             return self._ingest
 
     def embed_batches(self) -> EmbedBatchService:

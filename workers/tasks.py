@@ -127,17 +127,6 @@ def resend_lost(self: Task) -> int:
     return resend(_settings, get_runtime(app).sender)
 
 
-@app.task(name="reco.maintenance.publish_snapshot", bind=True)
-@retry_transient
-def publish_snapshot(self: Task, force: bool = False) -> str | None:
-    from app.services.snapshots import publish_snapshot as publish
-
-    runtime = get_runtime(app)
-    ingest = runtime.ingest_service()
-    info = publish(runtime.settings, repo=ingest.repo, memory=ingest.memory, force=force)
-    return info.name if info else None
-
-
 @app.task(name="reco.maintenance.reconcile", bind=True)
 @retry_transient
 def reconcile(self: Task) -> dict[str, int]:

@@ -87,17 +87,18 @@ def qdrant_task(args: dict[str, Any]) -> dict[str, Any]:
 
     from qdrant_client import QdrantClient
 
-    from app.memory.qdrant import QdrantMemory
+    from app.memory.qdrant import QdrantServerStore
 
     warnings.simplefilter("ignore", UserWarning)  # local mode warns past 20k points: that is the point here
     queries, k, batch = _queries(args), int(args["k"]), int(args["batch"])
     url = args.get("url")
     client = QdrantClient(url=url) if url else QdrantClient(location=":memory:")
     folder = Path(args["folder"])
-    memory = QdrantMemory(client, f"reco_bench_{folder.parent.name}")
-    if url and client.collection_exists(memory.collection):
-        client.delete_collection(memory.collection)
-    memory.ensure(int(np.load(folder / "image.npy", mmap_mode="r").shape[1]))
+    name = f"reco_bench_{folder.parent.name}"
+    store = QdrantServerStore(client, location=url or ":memory:")
+    if url and client.collection_exists(name):
+        client.delete_collection(name)
+    memory = store.ensure_collection(name, int(np.load(folder / "image.npy", mmap_mode="r").shape[1]))
     fill_s = _fill_qdrant(memory, folder)
     tops: list[list[int]] = []
 
@@ -110,7 +111,7 @@ def qdrant_task(args: dict[str, Any]) -> dict[str, Any]:
     result = {"fill_s": fill_s, "single_s": single_s, "batch_s": batch_s, "top": tops, "rss_mb": rss_mb(),
               "peak_rss_mb": peak_rss_mb(), "mode": "server" if url else "local (in memory)"}
     if url:
-        client.delete_collection(memory.collection)
+        client.delete_collection(name)
     return result
 
 

@@ -120,7 +120,7 @@ def encoder_only_seconds(
 def pipeline_settings(data_dir: Path, encoder: OpenClipEncoder, batch: int, **overrides: Any) -> Settings:
     """The embedded defaults (Qdrant local mode on disk, SQLite) in a scratch folder; images-only allowed."""
     values: dict[str, Any] = {
-        "data_dir": data_dir, "database_url": None, "qdrant_url": None, "qdrant_path": None,
+        "data_dir": data_dir, "database_url": None, "qdrant_url": None, "memory_path": None,
         "clip_model": encoder.model_name, "clip_pretrained": encoder.pretrained, "require_caption": False,
         "ingest_batch_size": batch, "encode_batch_size": batch, "device": encoder.device.type,
         "precision": encoder.precision,

@@ -43,9 +43,9 @@ def main() -> None:
     try:
         cli()
     except Exception as exc:
-        # A local Qdrant store held by another process is an operating condition any command may meet
-        # (the message says what to do), not a bug: one line on stderr, exit 2, no traceback.
-        from app.memory.qdrant import MemoryStoreError
+        # A memory held by another process (or left in a retired format) is an operating condition any
+        # command may meet (the message says what to do), not a bug: one line on stderr, exit 2, no traceback.
+        from app.memory.base import MemoryStoreError
 
         if not isinstance(exc, MemoryStoreError):
             raise

@@ -19,6 +19,20 @@ def load_settings() -> Settings:
     return settings
 
 
+def serving(settings: Settings) -> Any:
+    """The serving service: through a running ``reco serve`` when there is one, else in this process."""
+    from app.remote import find_server
+
+    server = find_server(settings)
+    if server is not None:
+        from app.services.serving_client import ServingClient
+
+        return ServingClient.connect(settings, server)
+    from app.services.serving import ServingService
+
+    return ServingService(settings)
+
+
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=None, default=str) + "\n")
 

@@ -1,4 +1,4 @@
-"""``reco bench ingest|search|refine|train|all``: the benchmarks of app/bench, with ``--json``."""
+"""``reco bench ingest|search|refine|train|serve|all``: the benchmarks of app/bench, with ``--json``."""
 
 from __future__ import annotations
 
@@ -200,6 +200,33 @@ def train(
     from app.bench.train import run_train_bench
 
     _show(run_train_bench(pairs=pairs, memory_size=memory_size, batch_size=batch_size, epochs=epochs), as_json)
+
+
+@bench_app.command("serve")
+def serve(
+    size: Annotated[int, typer.Option(help="Memory size (pairs).")] = 100_000,
+    seconds: Annotated[float, typer.Option(help="Seconds per workload and concurrency.")] = 15.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """reco serve under 1, 4 and 16 concurrent HTTP clients vs the serving service in-process (same memory,
+    same run): throughput, p50/p99, errors, HTTP overhead; writes docs/performance/serve.json."""
+    import json
+
+    from app.bench.serve import run_serve_bench
+
+    result = run_serve_bench(size, seconds=seconds, progress=lambda msg: typer.echo(msg, err=True))
+    folder = Path("docs") / "performance"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "serve.json").write_text(json.dumps(result.model_dump() | {"details": result.details}, indent=1,
+                                                  default=str) + "\n")
+    if as_json:
+        print_json(result.model_dump())
+        return
+    for row in result.rows:
+        typer.echo(f"{row.workload:8s} {row.via:10s} c={row.concurrency:<3d} {row.requests:6d} req "
+                   f"{row.throughput_rps:8.1f} req/s  p50 {row.p50_ms:8.1f} ms  p99 {row.p99_ms:8.1f} ms  "
+                   f"errors {row.errors}")
+    typer.echo(f"HTTP overhead at one client (p50): {result.http_overhead_c1}")
 
 
 @bench_app.command("all")

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from app.cli._common import fail, load_settings, print_json
+from app.cli._common import fail, load_settings, print_json, serving
 
 db_cli = typer.Typer(help="Metadata database (Alembic migrations).", no_args_is_help=True)
 
@@ -30,25 +30,30 @@ def search(
         list[str] | None, typer.Option("--filter", help="key=value on dataset/split/source/label")
     ] = None,
     target: Annotated[str | None, typer.Option(help="Rank stored 'image' or 'text' vectors.")] = None,
+    mode: Annotated[str, typer.Option(help="clip, or a RECO mode refining the query: text | image | both.")] = "clip",
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Search the live memory with plain CLIP embeddings."""
+    """Search the live memory (plain CLIP embeddings, or the query refined by RECO with --mode)."""
     from pydantic import ValidationError
 
     from app.imaging import ImageRejected
-    from app.services.search import SearchRequest, SearchService
+    from app.remote import ServerError
+    from app.services.serving import SearchQuery
 
     settings = load_settings()
     try:
-        request = SearchRequest(text=text, image_bytes=image.read_bytes() if image else None, k=k,
-                                filters=_parse_filters(filters or []), target=target)
-        response = SearchService(settings).search(request)
-    except (ValidationError, ValueError, LookupError, ImageRejected, OSError) as exc:
+        request = SearchQuery(text=text, image_bytes=image.read_bytes() if image else None, k=k,
+                              filters=_parse_filters(filters or []), target=target, mode=mode)
+        response = serving(settings).search(request)
+    except (ValidationError, ValueError, LookupError, ImageRejected, OSError, ServerError) as exc:
         fail(str(exc))
+    if response.reco_unavailable and mode != "clip":
+        typer.secho(f"RECO unavailable, CLIP results: {response.reco_unavailable}", err=True, fg="yellow")
     if as_json:
         print_json({"results": [r.model_dump(include={"item_id", "caption", "score", "source"})
                                 for r in response.results],
-                    "encoder_id": response.encoder_id, "random_weights": response.random_weights})
+                    "encoder_id": response.encoder_id, "random_weights": response.random_weights,
+                    "reco": response.reco, "via": response.via})
         return
     if response.random_weights:
         typer.secho("RANDOM WEIGHTS: these results carry no meaning (set RECO_CLIP_PRETRAINED)", fg="yellow")
@@ -68,7 +73,9 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     if as_json:
         print_json(info)
         return
-    typer.echo(f"items: {info['items']}   database: {info['database']}   qdrant: {info['qdrant']}")
+    memory = info["memory"]
+    typer.echo(f"items: {info['items']}   database: {info['database']}   memory: {memory['backend']} "
+               f"{memory['location']}")
     typer.echo(f"alias {info['alias']['name']} → {info['alias']['collection']}")
     for name, n in info["collections"].items():
         typer.echo(f"  collection {name}: {n} points")

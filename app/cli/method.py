@@ -7,7 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-from app.cli._common import fail, load_settings, print_json
+from app.cli._common import fail, load_settings, print_json, serving
+from app.schemas import RefineMode
 
 Modes = Annotated[str, typer.Option("--modes", help="Comma-separated: clip,image,text,both.")]
 Filters = Annotated[list[str] | None, typer.Option("--memory", help="Memory rows key=value (repeatable); default all.")]
@@ -132,23 +133,32 @@ def predict(
 
     from app.imaging import ImageRejected
     from app.manifest import ManifestError, load_classes
+    from app.remote import ServerError
     from app.services.method_common import MethodError
-    from app.services.predict import PredictRequest, predict_image
+    from app.services.serving import PredictQuery
 
+    settings = load_settings()
     try:
         names = load_classes(classes) if classes else [s.strip() for s in (labels or "").split(",") if s.strip()]
-        request = PredictRequest(image_bytes=image.read_bytes(), classes=names, mode=mode, top=top, k=k,
-                                 templates=templates)
-        response = predict_image(load_settings(), request)
-    except (ValidationError, MethodError, ManifestError, ImageRejected, ValueError, OSError) as exc:
+        query = PredictQuery(labels=names, mode=mode, top=top, k=k, templates=templates)
+        answer = serving(settings).predict([(image.name, image.read_bytes())], query)[0]
+    except (ValidationError, MethodError, ManifestError, ImageRejected, ValueError, OSError, ServerError) as exc:
         fail(str(exc))
+    if answer.mode is not RefineMode.CLIP and answer.reco is None:
+        fail(f"no RECO answer: {answer.reco_unavailable} (use --mode clip for CLIP alone)", code=1)
+    predictions = answer.clip if answer.reco is None else answer.reco
     if as_json:
-        print_json(response.model_dump(mode="json"))
+        print_json({"mode": str(answer.mode), "encoder_id": answer.encoder_id, "checkpoint": answer.checkpoint,
+                    "predictions": [p.model_dump() for p in predictions],
+                    "clip": [p.model_dump() for p in answer.clip],
+                    "neighbours": [n.model_dump(include={"item_id", "score", "attention", "caption"})
+                                   for n in answer.neighbours],
+                    "self_attention": answer.self_attention, "via": answer.via})
         return
-    for p in response.predictions:
+    for p in predictions:
         typer.echo(f"{p.score:7.4f}  {p.name}")
-    for n in response.neighbours:
-        typer.echo(f"   neighbour {n.score:6.3f} attention {n.attention:.3f}  {n.caption}")
+    for n in answer.neighbours:
+        typer.echo(f"   neighbour {n.score:6.3f} attention {n.attention or 0:.3f}  {n.caption}")
 
 
 def register(cli: typer.Typer) -> None:

@@ -23,7 +23,7 @@ def reembed(
 
     Without --model: show the versions (with --drop-old: delete the old ones)."""
     from app.db.session import upgrade_database
-    from app.memory.qdrant import MemoryStoreError
+    from app.memory.base import MemoryStoreError
     from app.services.reembed import drop_old_versions, reembed_now, schedule_reembed, versions_report
 
     settings = load_settings()

@@ -61,6 +61,9 @@ class Item(Base):
     height: Mapped[int | None] = mapped_column(Integer)
     extra: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Takedown: vectors removed from every version, the row kept as the record of it; never returned again.
+    deleted_at: Mapped[datetime | None] = mapped_column(default=None, index=True)
+    deleted_reason: Mapped[str | None] = mapped_column(Text, default=None)
 
     embeddings: Mapped[list[Embedding]] = relationship(back_populates="item", cascade="all, delete-orphan")
 
@@ -189,3 +192,18 @@ class EvalRun(Base):
     results: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     best_value: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiKey(Base):
+    """A key for ``reco serve``'s HTTP API: only its SHA-256 is stored; scopes ``read``, ``write``, ``admin``."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(128))
+    prefix: Mapped[str] = mapped_column(String(16), index=True)  # the key's first characters, to find it
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    scopes: Mapped[str] = mapped_column(String(64))  # comma-separated
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(default=None)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)

@@ -160,9 +160,15 @@ class MetadataRepo:
             return list(s.scalars(select(Item).where(Item.id.in_(list(item_ids)))))
 
     def list_items(
-        self, *, filters: dict[str, Any] | None = None, offset: int = 0, limit: int = 50
+        self, *, filters: dict[str, Any] | None = None, offset: int = 0, limit: int = 50,
+        caption_contains: str | None = None, include_deleted: bool = False,
     ) -> tuple[list[Item], int]:
         stmt: Select[Any] = select(Item)
+        if not include_deleted:
+            stmt = stmt.where(Item.deleted_at.is_(None))
+        if caption_contains:
+            escaped = caption_contains.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            stmt = stmt.where(Item.caption.ilike(f"%{escaped}%", escape="\\"))  # bound parameter
         for key, value in (filters or {}).items():
             # only real, scalar columns: getattr on a mapped class would also find methods and the registry
             if key not in FILTERABLE_ITEM_COLUMNS:
@@ -174,6 +180,32 @@ class MetadataRepo:
             total = s.scalar(select(func.count()).select_from(stmt.subquery())) or 0
             rows = s.scalars(stmt.order_by(Item.created_at, Item.id).offset(offset).limit(limit))
             return list(rows), int(total)
+
+    def mark_deleted(self, item_id: str, reason: str) -> Item | None:
+        """Takedown: the row stays as the record of it (time, reason); its embeddings rows go."""
+        with self.session() as s:
+            item = s.get(Item, item_id)
+            if item is None:
+                return None
+            if item.deleted_at is None:
+                item.deleted_at, item.deleted_reason = utcnow(), reason[:2000]
+                for embedding in list(item.embeddings):
+                    s.delete(embedding)
+            s.flush()
+            s.expunge(item)
+            return item
+
+    def deleted_among(self, item_ids: Sequence[str]) -> dict[str, Item]:
+        """The taken-down items among ``item_ids`` (ingestion refuses them: a takedown sticks)."""
+        if not item_ids:
+            return {}
+        with self.session() as s:
+            rows = s.scalars(select(Item).where(Item.id.in_(list(item_ids)), Item.deleted_at.is_not(None)))
+            return {r.id: r for r in rows}
+
+    def count_deleted(self) -> int:
+        with self.session() as s:
+            return int(s.scalar(select(func.count()).select_from(Item).where(Item.deleted_at.is_not(None))) or 0)
 
     def item_embeddings(self, item_id: str) -> list[Embedding]:
         """One item's status under every embedding version (the UI's item page)."""

@@ -1,167 +1,175 @@
-"""The vector memory over qdrant-client: the same code for local mode and a server URL.
+"""The memory on a Qdrant server or cluster, through qdrant-client (``RECO_QDRANT_URL``).
 
 One collection per embedding version (encoder id), named vectors ``image`` and ``text`` (cosine),
-and an alias (``memory`` by default) that points at the live version.
+payload indexes on the filter fields, and an alias (``memory`` by default) that points at the live
+version. Every process may reach a server directly, so workers scale out over machines. The embedded
+default is Qdrant Edge (:mod:`app.memory.edge`); both serve the same ``VectorMemory`` interface.
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
-import re
-import threading
-import warnings
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 from qdrant_client import QdrantClient, models
 
-from app.encoder.openclip import collection_name_for
 from app.memory.base import (
     FILTER_FIELDS,
+    NIL_ID,
     Filters,
     ItemPayload,
     MemoryMatrices,
     MemoryRecord,
+    MemoryStoreError,
     SearchHit,
+    StoredPoint,
+    is_item_id,
+    matrices_from_points,
+    parse_filters,
+    search_distinct,
+    sorted_hits,
+    vectors_of,
 )
+from app.memory.layout import MemoryLayout
 from app.schemas import Modality
-
-if TYPE_CHECKING:
-    from app.config import Settings
 
 log = logging.getLogger(__name__)
 
-_FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
 _SCHEMA = {"keyword": models.PayloadSchemaType.KEYWORD, "integer": models.PayloadSchemaType.INTEGER}
-_clients: dict[tuple[str | None, str | None], QdrantClient] = {}
-_clients_lock = threading.Lock()
-
-
-class MemoryStoreError(RuntimeError):
-    """The memory cannot be opened or used (locked local store, unknown collection...)."""
-
-
-def get_qdrant_client(settings: Settings) -> QdrantClient:
-    """One client per location per process: a local store may be opened only once."""
-    key = (settings.qdrant_url, settings.resolved_qdrant_path)
-    with _clients_lock:
-        client = _clients.get(key)
-        if client is None:
-            if not _clients:
-                atexit.register(close_qdrant_clients)  # close before interpreter teardown, not in __del__
-            client = _open_client(settings)
-            _clients[key] = client
-        return client
-
-
-def _open_client(settings: Settings) -> QdrantClient:
-    if settings.qdrant_url:
-        api_key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
-        return QdrantClient(url=settings.qdrant_url, api_key=api_key)
-    path = settings.resolved_qdrant_path
-    if path == ":memory:":
-        return QdrantClient(location=":memory:")
-    settings.ensure_dirs()
-    try:
-        return QdrantClient(path=path)
-    except RuntimeError as exc:  # portalocker: another process holds the local store
-        raise MemoryStoreError(
-            f"the local Qdrant store {path} is already open in another process ({exc}). Local mode is "
-            "single-process: stop the other process, or run a Qdrant server and set RECO_QDRANT_URL."
-        ) from exc
-
-
-def close_qdrant_clients() -> None:
-    with _clients_lock:
-        for client in _clients.values():
-            client.close()
-        _clients.clear()
 
 
 def build_filter(filters: Filters | None, exclude_ids: Sequence[str] = ()) -> models.Filter | None:
     """Filters go through Qdrant's filter models, never through string building."""
     must: list[Any] = []
-    for key, value in (filters or {}).items():
-        if not _FIELD_NAME.match(key):
-            raise ValueError(f"invalid filter field {key!r}")
-        if isinstance(value, list | tuple | set):
-            must.append(models.FieldCondition(key=key, match=models.MatchAny(any=list(value))))
+    for cond in parse_filters(filters):
+        if cond.key == "item_id":  # ids that are no UUID cannot be stored: they match nothing
+            must.append(models.HasIdCondition(has_id=[v for v in cond.values if is_item_id(str(v))] or [NIL_ID]))
+        elif len(cond.values) == 1:
+            must.append(models.FieldCondition(key=cond.key, match=models.MatchValue(value=cond.values[0])))
         else:
-            must.append(models.FieldCondition(key=key, match=models.MatchValue(value=value)))
-    must_not: list[Any] = [models.HasIdCondition(has_id=list(exclude_ids))] if exclude_ids else []
+            must.append(models.FieldCondition(key=cond.key, match=models.MatchAny(any=list(cond.values))))  # type: ignore[arg-type]
+    ids = [i for i in exclude_ids if is_item_id(i)]
+    must_not: list[Any] = [models.HasIdCondition(has_id=ids)] if ids else []
     if not must and not must_not:
         return None
     return models.Filter(must=must or None, must_not=must_not or None)
 
 
-@dataclass(frozen=True)
-class CollectionLayout:
-    """How a new collection is laid out on a server or cluster (local mode accepts and ignores it)."""
-
-    shards: int | None = None
-    replication: int | None = None
-    int8: bool = False  # scalar quantization: 1 byte a dimension in RAM, originals rescored
-    on_disk: bool = False
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> CollectionLayout:
-        return cls(settings.qdrant_shard_number, settings.qdrant_replication_factor,
-                   settings.qdrant_quantization == "int8", settings.qdrant_on_disk)
+def _point(p: Any, with_vectors: bool) -> StoredPoint:
+    vec = p.vector if with_vectors else None
+    return StoredPoint(
+        item_id=str(p.id), payload=ItemPayload.model_validate(p.payload) if p.payload else None,
+        image_vector=np.asarray(vec["image"], np.float32) if vec else None,
+        text_vector=np.asarray(vec["text"], np.float32) if vec else None)
 
 
-class QdrantMemory:
-    """One collection (or the alias in front of one)."""
+class QdrantServerStore:
+    """The collections and aliases of one Qdrant server (or cluster)."""
 
-    def __init__(self, client: QdrantClient, collection: str) -> None:
+    backend = "qdrant-server"
+
+    def __init__(self, client: QdrantClient, layout: MemoryLayout | None = None, *, location: str = "") -> None:
         self.client = client
-        self.collection = collection
+        self.layout = layout or MemoryLayout()
+        self._location = location
 
     @classmethod
-    def for_encoder(
-        cls, settings: Settings, encoder_id: str, dim: int, *, client: QdrantClient | None = None
-    ) -> QdrantMemory:
-        """The collection of one embedding version, created on first use."""
-        memory = cls(client or get_qdrant_client(settings), collection_name_for(encoder_id))
-        memory.ensure(dim, CollectionLayout.from_settings(settings))
-        return memory
+    def connect(cls, url: str, api_key: str | None = None, layout: MemoryLayout | None = None) -> QdrantServerStore:
+        return cls(QdrantClient(url=url, api_key=api_key), layout, location=url)
 
-    @classmethod
-    def live(cls, settings: Settings, *, client: QdrantClient | None = None) -> QdrantMemory:
-        return cls(client or get_qdrant_client(settings), settings.memory_alias)
+    @property
+    def location(self) -> str:
+        return self._location
 
-    # --- collection ---------------------------------------------------------------------------
-    def exists(self) -> bool:
-        if self.client.collection_exists(self.collection):
+    def collection(self, name: str) -> QdrantMemory:
+        return QdrantMemory(self, name)
+
+    def collection_exists(self, name: str) -> bool:
+        if self.client.collection_exists(name):
             return True
-        return any(a.alias_name == self.collection for a in self.client.get_aliases().aliases)
+        return self.live_collection(name) is not None
 
-    def ensure(self, dim: int, layout: CollectionLayout | None = None) -> None:
-        if self.client.collection_exists(self.collection):
-            info = self.client.get_collection(self.collection)
+    def ensure_collection(self, name: str, dim: int) -> QdrantMemory:
+        if self.client.collection_exists(name):
+            info = self.client.get_collection(name)
             vectors = info.config.params.vectors
             size = vectors["image"].size if isinstance(vectors, dict) else None
             if size != dim:
-                raise MemoryStoreError(f"collection {self.collection} holds {size}-d vectors, encoder gives {dim}")
-            return
-        layout = layout or CollectionLayout()
-        params = models.VectorParams(size=dim, distance=models.Distance.COSINE, on_disk=layout.on_disk or None)
+                raise MemoryStoreError(f"collection {name} holds {size}-d vectors, encoder gives {dim}")
+            return self.collection(name)
+        lay = self.layout
+        params = models.VectorParams(size=dim, distance=models.Distance.COSINE, on_disk=lay.on_disk or None)
         quantization = models.ScalarQuantization(scalar=models.ScalarQuantizationConfig(
-            type=models.ScalarType.INT8, quantile=0.99, always_ram=True)) if layout.int8 else None
+            type=models.ScalarType.INT8, quantile=0.99, always_ram=True)) if lay.int8 else None
         self.client.create_collection(
-            self.collection, vectors_config={"image": params, "text": params}, shard_number=layout.shards,
-            replication_factor=layout.replication, quantization_config=quantization,
-            on_disk_payload=layout.on_disk or None)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # local mode: indexes are a no-op, says so
-            for name, kind in FILTER_FIELDS.items():
-                self.client.create_payload_index(self.collection, name, _SCHEMA[kind])
-        log.info("created collection %s (%d-d)", self.collection, dim)
+            name, vectors_config={"image": params, "text": params}, shard_number=lay.shards,
+            replication_factor=lay.replication, quantization_config=quantization,
+            hnsw_config=models.HnswConfigDiff(m=lay.hnsw_m, ef_construct=lay.hnsw_ef_construct),
+            on_disk_payload=lay.on_disk or None)
+        for field, kind in FILTER_FIELDS.items():
+            self.client.create_payload_index(name, field, _SCHEMA[kind])
+        log.info("created collection %s (%d-d) on %s", name, dim, self._location)
+        return self.collection(name)
+
+    def list_collections(self) -> list[str]:
+        return sorted(c.name for c in self.client.get_collections().collections)
+
+    def live_collection(self, alias: str) -> str | None:
+        for a in self.client.get_aliases().aliases:
+            if a.alias_name == alias:
+                return str(a.collection_name)
+        return None
+
+    def swap_alias(self, alias: str, collection: str) -> None:
+        """Point the alias at ``collection`` in one request (atomic on the server)."""
+        ops: list[Any] = []
+        if self.live_collection(alias) is not None:
+            ops.append(models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=alias)))
+        ops.append(models.CreateAliasOperation(
+            create_alias=models.CreateAlias(collection_name=collection, alias_name=alias)))
+        self.client.update_collection_aliases(change_aliases_operations=ops)
+
+    def drop_collection(self, name: str) -> None:
+        self.client.delete_collection(name)
+
+    def index_pending(self, **_: Any) -> int:
+        return 0  # a server indexes in its own background threads
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.backend, "url": self._location,
+                "collections": {n: {"points": self.collection(n).count()} for n in self.list_collections()},
+                "aliases": {a.alias_name: a.collection_name for a in self.client.get_aliases().aliases}}
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class QdrantMemory:
+    """One collection on a server (or the alias in front of one)."""
+
+    def __init__(self, store: QdrantServerStore, name: str, layout: MemoryLayout | None = None) -> None:
+        self.store = store
+        self.client = store.client
+        self.name = name
+        self.layout = layout or store.layout
+
+    def tuned(self, **search_changes: Any) -> QdrantMemory:
+        return QdrantMemory(self.store, self.name, replace(self.layout, **search_changes))
+
+    @property
+    def collection(self) -> str:
+        return self.store.live_collection(self.name) or self.name
+
+    def exists(self) -> bool:
+        return self.store.collection_exists(self.name)
 
     def count(self, filters: Filters | None = None) -> int:
-        return self.client.count(self.collection, count_filter=build_filter(filters), exact=True).count
+        if not self.exists():
+            return 0
+        return self.client.count(self.name, count_filter=build_filter(filters), exact=True).count
 
     # --- writes -----------------------------------------------------------------------------
     def upsert(self, records: Sequence[MemoryRecord]) -> None:
@@ -177,13 +185,25 @@ class QdrantMemory:
             )
             for r in records
         ]
-        self.client.upsert(self.collection, points=points, wait=True)
+        self.client.upsert(self.name, points=points, wait=True)
 
     def delete(self, item_ids: Sequence[str]) -> None:
-        if item_ids:
-            self.client.delete(self.collection, points_selector=models.PointIdsList(points=list(item_ids)))
+        ids = [i for i in item_ids if is_item_id(i)]
+        if ids and self.exists():
+            self.client.delete(self.name, points_selector=models.PointIdsList(points=list(ids)), wait=True)
 
     # --- reads ------------------------------------------------------------------------------
+    def _params(self) -> models.SearchParams:
+        lay = self.layout
+        quantization = (models.QuantizationSearchParams(rescore=True, oversampling=lay.oversampling)
+                        if lay.int8 else None)
+        return models.SearchParams(hnsw_ef=lay.hnsw_ef, exact=lay.exact, quantization=quantization)
+
+    @staticmethod
+    def _hits(points: Sequence[Any]) -> list[SearchHit]:
+        return sorted_hits([SearchHit(str(p.id), float(p.score),
+                                      ItemPayload.model_validate(p.payload) if p.payload else None) for p in points])
+
     def search(
         self,
         vector: np.ndarray,
@@ -192,105 +212,81 @@ class QdrantMemory:
         *,
         filters: Filters | None = None,
         exclude_ids: Sequence[str] = (),
-        with_payload: bool = True,
+        score_threshold: float | None = None,
         distinct_images: bool = False,
     ) -> list[SearchHit]:
         """Top-k by cosine. ``distinct_images``: best row per image (one image may carry five captions)."""
-        query = np.asarray(vector, np.float32).tolist()
+        query = np.asarray(vector, np.float32).reshape(-1).tolist()
         flt = build_filter(filters, exclude_ids)
-        if distinct_images:
-            groups = self.client.query_points_groups(
-                self.collection, query=query, using=str(modality), group_by="image_hash", limit=k,
-                group_size=1, query_filter=flt, with_payload=with_payload)
-            return [self._hit(g.hits[0]) for g in groups.groups if g.hits]
-        result = self.client.query_points(
-            self.collection, query=query, using=str(modality), limit=k, query_filter=flt,
-            with_payload=with_payload)
-        return [self._hit(p) for p in result.points]
+
+        def run(n: int) -> list[SearchHit]:
+            result = self.client.query_points(
+                self.name, query=query, using=str(Modality(modality)), limit=n, query_filter=flt,
+                score_threshold=score_threshold, with_payload=True, search_params=self._params())
+            return self._hits(result.points)
+
+        return search_distinct(run, k) if distinct_images else run(k)
 
     def search_batch(
-        self, vectors: np.ndarray, modality: Modality, k: int, *, filters: Filters | None = None
+        self,
+        vectors: np.ndarray,
+        modality: Modality,
+        k: int,
+        *,
+        filters: Filters | None = None,
+        exclude_ids: Sequence[Sequence[str]] | None = None,
+        score_threshold: float | None = None,
     ) -> list[list[SearchHit]]:
-        flt = build_filter(filters)
+        vectors = np.atleast_2d(np.asarray(vectors, np.float32))
+        if exclude_ids is not None and len(exclude_ids) != len(vectors):
+            raise ValueError(f"exclude_ids: one entry per query expected ({len(vectors)}), got {len(exclude_ids)}")
+        if len(vectors) == 0:
+            return []
         requests = [
-            models.QueryRequest(query=v.astype(np.float32).tolist(), using=str(modality), limit=k,
-                                filter=flt, with_payload=True)
-            for v in np.asarray(vectors)
+            models.QueryRequest(query=v.tolist(), using=str(Modality(modality)), limit=k,
+                                filter=build_filter(filters, exclude_ids[i] if exclude_ids is not None else ()),
+                                score_threshold=score_threshold, with_payload=True, params=self._params())
+            for i, v in enumerate(vectors)
         ]
-        responses = self.client.query_batch_points(self.collection, requests=requests)
-        return [[self._hit(p) for p in r.points] for r in responses]
+        responses = self.client.query_batch_points(self.name, requests=requests)
+        return [self._hits(r.points) for r in responses]
 
-    @staticmethod
-    def _hit(point: Any) -> SearchHit:
-        payload = ItemPayload.model_validate(point.payload) if point.payload else None
-        return SearchHit(item_id=str(point.id), score=float(point.score), payload=payload)
-
-    def retrieve(self, item_ids: Sequence[str], *, with_vectors: bool = False) -> list[Any]:
-        return list(self.client.retrieve(self.collection, ids=list(item_ids), with_vectors=with_vectors))
+    def retrieve(self, item_ids: Sequence[str], *, with_vectors: bool = False) -> list[StoredPoint]:
+        ids = [i for i in item_ids if is_item_id(i)]
+        if not ids:
+            return []
+        return [_point(p, with_vectors) for p in self.client.retrieve(self.name, ids=ids, with_vectors=with_vectors)]
 
     def existing_ids(self, item_ids: Sequence[str]) -> set[str]:
-        if not item_ids:
+        ids = [i for i in item_ids if is_item_id(i)]
+        if not ids or not self.exists():
             return set()
-        return {str(p.id) for p in self.client.retrieve(self.collection, ids=list(item_ids))}
+        return {str(p.id) for p in self.client.retrieve(self.name, ids=ids, with_payload=False)}
+
+    def fetch_vectors(self, item_ids: Sequence[str], modality: Modality) -> np.ndarray:
+        return vectors_of(self.retrieve(item_ids, with_vectors=True), item_ids, modality)
 
     def scroll(
         self, *, filters: Filters | None = None, limit: int = 256, with_vectors: bool = False
-    ) -> Iterable[list[Any]]:
+    ) -> Iterator[list[StoredPoint]]:
         """Pages of points in id order (for export, re-embedding and the UI's browser)."""
-        offset = None
+        offset: str | None = None
         while True:
-            points, offset = self.client.scroll(
-                self.collection, scroll_filter=build_filter(filters), limit=limit, offset=offset,
-                with_payload=True, with_vectors=with_vectors,
-            )
+            points, offset = self.page(offset, limit, filters=filters, with_vectors=with_vectors)
             if points:
                 yield points
             if offset is None:
                 return
 
-    def export_matrices(self, *, filters: Filters | None = None, page: int = 2048) -> MemoryMatrices:
-        ids: list[str] = []
-        images: list[np.ndarray] = []
-        texts: list[np.ndarray] = []
-        payloads: list[ItemPayload] = []
-        for points in self.scroll(filters=filters, limit=page, with_vectors=True):
-            for p in points:
-                ids.append(str(p.id))
-                vec = p.vector
-                images.append(np.asarray(vec["image"], np.float32))
-                texts.append(np.asarray(vec["text"], np.float32))
-                payloads.append(ItemPayload.model_validate(p.payload))
-        dim = len(images[0]) if images else 0
-        return MemoryMatrices(
-            ids=ids,
-            image=np.stack(images) if images else np.zeros((0, dim), np.float32),
-            text=np.stack(texts) if texts else np.zeros((0, dim), np.float32),
-            image_hashes=[p.image_hash for p in payloads],
-            payloads=payloads,
-        )
+    def page(
+        self, offset: str | None, limit: int, *, filters: Filters | None = None, with_vectors: bool = False
+    ) -> tuple[list[StoredPoint], str | None]:
+        if not self.exists():
+            return [], None
+        points, following = self.client.scroll(
+            self.name, scroll_filter=build_filter(filters), limit=limit, offset=offset, with_payload=True,
+            with_vectors=with_vectors)
+        return [_point(p, with_vectors) for p in points], None if following is None else str(following)
 
-
-# --- versions and the alias ------------------------------------------------------------------
-def live_collection(client: QdrantClient, alias: str) -> str | None:
-    for a in client.get_aliases().aliases:
-        if a.alias_name == alias:
-            return str(a.collection_name)
-    return None
-
-
-def swap_alias(client: QdrantClient, alias: str, collection: str) -> None:
-    """Point the alias at ``collection`` in one request (atomic on the server)."""
-    ops: list[Any] = []
-    if live_collection(client, alias) is not None:
-        ops.append(models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=alias)))
-    ops.append(models.CreateAliasOperation(
-        create_alias=models.CreateAlias(collection_name=collection, alias_name=alias)))
-    client.update_collection_aliases(change_aliases_operations=ops)
-
-
-def list_collections(client: QdrantClient) -> list[str]:
-    return sorted(c.name for c in client.get_collections().collections)
-
-
-def drop_collection(client: QdrantClient, collection: str) -> None:
-    client.delete_collection(collection)
+    def export_matrices(self, *, filters: Filters | None = None) -> MemoryMatrices:
+        return matrices_from_points(self.scroll(filters=filters, limit=2048, with_vectors=True))

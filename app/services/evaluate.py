@@ -27,8 +27,8 @@ from app.evaluation import EvalReport, ResultRow, evaluate_retrieval, evaluate_z
 from app.fusion.checkpoint import load_checkpoint
 from app.imaging import ImageLimits, ImageRejected, open_image_safely
 from app.manifest import ManifestError, load_classes, read_manifest
+from app.memory.base import VectorMemory
 from app.memory.exact import ExactIndex
-from app.memory.qdrant import QdrantMemory
 from app.refine import Refiner, mean_fusion_refiner
 from app.retrieval import RetrievalCfg
 from app.schemas import RefineMode, RejectReason
@@ -203,7 +203,7 @@ def run_evaluation(
     request: EvalRequest,
     *,
     encoder: Encoder | None = None,
-    memory: QdrantMemory | None = None,
+    memory: VectorMemory | None = None,
     session_factory: sessionmaker[Session] | None = None,
 ) -> EvalReport:
     if request.dataset == "synthetic":

@@ -12,7 +12,7 @@ import logging
 import threading
 import unicodedata
 from collections import OrderedDict
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -24,8 +24,8 @@ from app.db.repo import FailureRecord, MetadataRepo, NewItem
 from app.db.session import upgrade_database
 from app.encoder import Encoder, create_encoder
 from app.manifest import printable
-from app.memory.base import ItemPayload, MemoryRecord, content_hash, item_id_for
-from app.memory.qdrant import QdrantMemory, get_qdrant_client, live_collection, swap_alias
+from app.memory.base import ItemPayload, MemoryRecord, VectorMemory, content_hash, item_id_for
+from app.memory.store import encoder_memory, open_store
 from app.schemas import EmbedStatus, JobStatus, RejectReason
 
 if TYPE_CHECKING:
@@ -128,13 +128,14 @@ class IngestService:
         settings: Settings,
         *,
         encoder: Encoder | None = None,
-        memory: QdrantMemory | None = None,
+        memory: VectorMemory | None = None,
         repo: MetadataRepo | None = None,
     ) -> None:
         self.settings = settings
         self.encoder = encoder or create_encoder(settings)
         self.repo = repo or MetadataRepo.from_url(settings.resolved_database_url)
-        self.memory = memory or QdrantMemory.for_encoder(settings, self.encoder.encoder_id, self.encoder.dim)
+        self.store = open_store(settings)
+        self.memory = memory or encoder_memory(settings, self.encoder.encoder_id, self.encoder.dim, store=self.store)
         self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()  # caption -> vector, recent first out
         self._text_lock = threading.Lock()
         self._ensure_version_registered()
@@ -148,9 +149,8 @@ class IngestService:
         model = getattr(self.encoder, "model_name", "?")
         pretrained = getattr(self.encoder, "pretrained", "")
         self.repo.ensure_version(self.encoder_id, self.memory.collection, model, pretrained, self.encoder.dim)
-        client = self.memory.client
-        if live_collection(client, self.settings.memory_alias) is None:
-            swap_alias(client, self.settings.memory_alias, self.memory.collection)
+        if self.store.live_collection(self.settings.memory_alias) is None:
+            self.store.swap_alias(self.settings.memory_alias, self.memory.collection)
             self.repo.set_live_version(self.encoder_id)
 
     # --- jobs -------------------------------------------------------------------------------------
@@ -189,7 +189,7 @@ class IngestService:
         return EncodedBatch(job_id, outcome, failures, records)
 
     def store_batch(self, encoded: EncodedBatch) -> BatchOutcome:
-        """Vectors to Qdrant, then *embedded* in the DB, then the job's counts (safe in a writer thread)."""
+        """Vectors to the memory, then *embedded* in the DB, then the job's counts (safe in a writer thread)."""
         outcome, failures = encoded.outcome, encoded.failures
         if encoded.records:
             self.memory.upsert(encoded.records)  # transient store errors propagate: the caller retries
@@ -224,8 +224,13 @@ class IngestService:
             seen_ids.add(item.id)
             candidates.append((item, p))
         status = self.repo.embedding_status([c[0].id for c in candidates], self.encoder_id)
+        taken_down = self.repo.deleted_among([c[0].id for c in candidates])
         for item, p in candidates:
-            if status.get(item.id) == EmbedStatus.EMBEDDED or item.id in in_flight:
+            if item.id in taken_down:
+                why = taken_down[item.id].deleted_reason or "no reason given"
+                failures.append(FailedInput(p.row.source, RejectReason.TAKEN_DOWN,
+                                            f"item {item.id} was taken down ({why})"))
+            elif status.get(item.id) == EmbedStatus.EMBEDDED or item.id in in_flight:
                 outcome.duplicates += 1
             else:
                 batch.items.append(item)
@@ -290,6 +295,12 @@ class IngestService:
             return self.encoder.pixels_from_uint8(p.pixels_uint8[None])[0]  # type: ignore[attr-defined]
         return self.encoder.preprocess(p.image if p.image is not None else _missing_pixels(p))
 
+    def index_pending(self, announce: Callable[[str], None] | None = None) -> int:
+        """Build the HNSW index over the points waiting for one, when there are enough of them (embedded
+        engine; a server indexes by itself). At the end of a job, so searches afterwards are fast."""
+        return self.store.index_pending(on_start=None if announce is None else lambda name, n: announce(
+            f"indexing {n} new points of {name} (HNSW) …"))
+
     # --- repair ----------------------------------------------------------------------------------
     def reconcile(self, limit: int = 10_000) -> ReconcileReport:
         """Pending rows whose vectors are in Qdrant become embedded; the rest stay pending for re-ingest.
@@ -331,7 +342,7 @@ def prepare_storage(settings: Settings) -> None:
     """Create the data dir and bring the metadata schema to head (embedded defaults need no setup)."""
     settings.ensure_dirs()
     upgrade_database(settings.resolved_database_url)
-    get_qdrant_client(settings)
+    open_store(settings)
 
 
 def job_summary(repo: MetadataRepo, job_id: int) -> dict[str, Any]:

@@ -43,14 +43,14 @@ def is_transient(exc: BaseException) -> bool:
     """Worth retrying later: a service was unreachable or busy, not a problem with the input."""
     from sqlalchemy import exc as sa_exc
 
-    from app.memory.qdrant import MemoryStoreError
+    from app.memory.base import MemoryHeldElsewhere
 
     if isinstance(exc, sa_exc.DBAPIError):
         return bool(exc.connection_invalidated) or isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError)
     if isinstance(exc, sa_exc.DisconnectionError | sa_exc.TimeoutError | ConnectionError | TimeoutError):
         return True
-    if isinstance(exc, MemoryStoreError):
-        return "already open in another process" in str(exc)  # the old owner is still shutting down
+    if isinstance(exc, MemoryHeldElsewhere):
+        return True  # the old owner is still shutting down
     if _is_transient_qdrant(exc):
         return True
     if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:

@@ -1,7 +1,7 @@
 """What training, evaluation and prediction share: the memory as cached matrices, the checkpoint to use,
 the metadata DB, the device.
 
-Exporting a Qdrant collection is the slow part of ``reco train``/``reco eval``; the export is cached
+Exporting a memory collection is the slow part of ``reco train``/``reco eval``; the export is cached
 as ``.npz`` under ``<data_dir>/cache/memory``, keyed by collection, its point count and the payload
 filter. Ingestion only adds points, so a changed count means a changed memory.
 """
@@ -24,9 +24,9 @@ from app.db.runs import CheckpointRecord, checkpoint_by_sha256, newest_checkpoin
 from app.db.session import make_session_factory, upgrade_database
 from app.encoder.openclip import collection_name_for
 from app.encoder.weights import file_sha256
-from app.memory.base import Filters, ItemPayload, MemoryMatrices
+from app.memory.base import Filters, ItemPayload, MemoryMatrices, VectorMemory
 from app.memory.exact import ExactIndex
-from app.memory.qdrant import QdrantMemory, get_qdrant_client
+from app.memory.store import open_store
 
 log = logging.getLogger(__name__)
 
@@ -51,21 +51,21 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
 
 
-def memory_for_encoder(settings: Settings, encoder_id: str) -> QdrantMemory:
-    memory = QdrantMemory(get_qdrant_client(settings), collection_name_for(encoder_id))
+def memory_for_encoder(settings: Settings, encoder_id: str) -> VectorMemory:
+    memory = open_store(settings).collection(collection_name_for(encoder_id))
     if not memory.exists() or memory.count() == 0:
         raise MethodError(f"the memory holds no embeddings for encoder {encoder_id}: run `reco ingest` first")
     return memory
 
 
-def _cache_path(settings: Settings, memory: QdrantMemory, filters: Filters | None) -> Path:
+def _cache_path(settings: Settings, memory: VectorMemory, filters: Filters | None) -> Path:
     key = json.dumps({"collection": memory.collection, "count": memory.count(),
                       "filters": {k: filters[k] for k in sorted(filters)} if filters else None}, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return settings.data_dir / "cache" / "memory" / f"{safe_name(memory.collection)}-{digest}.npz"
 
 
-def load_matrices(settings: Settings, memory: QdrantMemory, filters: Filters | None = None) -> MemoryMatrices:
+def load_matrices(settings: Settings, memory: VectorMemory, filters: Filters | None = None) -> MemoryMatrices:
     """The memory (or the rows matching ``filters``) as matrices, from the cache when it is current."""
     path = _cache_path(settings, memory, filters)
     if path.is_file():

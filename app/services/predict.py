@@ -112,23 +112,26 @@ def predict_image(
     memory: VectorMemory | None = None,
     session_factory: sessionmaker[Session] | None = None,
     refiner: tuple[Refiner, str] | None = None,
+    image_vector: np.ndarray | None = None,
 ) -> PredictResponse:
-    """``refiner``: an already loaded (Refiner, checkpoint label) — long-lived callers (the refine worker)
-    load it once instead of resolving and hashing the checkpoint per call."""
+    """``refiner``: an already loaded (Refiner, checkpoint label) — long-lived callers (reco serve, the refine
+    worker) load it once instead of resolving and hashing the checkpoint per call. ``image_vector``: the
+    image already decoded and encoded (a caller asking for CLIP and RECO answers encodes it once)."""
     encoder = encoder or create_encoder(settings)
-    image = open_image_safely(request.image_bytes, ImageLimits.from_settings(settings))
+    if image_vector is None:
+        image = open_image_safely(request.image_bytes, ImageLimits.from_settings(settings))
     loaded: Refiner | None = None
     checkpoint: str | None = None
     if request.mode is not RefineMode.CLIP:
-        if refiner is not None:
-            loaded, checkpoint = refiner
+        if refiner is not None:  # loaded once with the default k': this request's k' still counts
+            loaded, checkpoint = refiner[0].with_k(request.k), refiner[1]
         else:
             memory = memory or memory_for_encoder(settings, encoder.encoder_id)
             loaded, checkpoint = _load_refiner(settings, request, encoder.encoder_id, memory, session_factory)
     refiner_obj = loaded
     classifier = ZeroShotClassifier(request.classes, encoder, templates=request.templates, refiner=refiner_obj,
                                     checkpoint_id=checkpoint or "none", cache=_cache(settings))
-    v = encoder.encode_images([image])[0]
+    v = encoder.encode_images([image])[0] if image_vector is None else np.asarray(image_vector, np.float32)
     refinement: Refinement | None = None
     if refiner_obj is not None and request.mode in (RefineMode.IMAGE, RefineMode.BOTH):
         refinement = refiner_obj.refine_image(v)

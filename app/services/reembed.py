@@ -33,13 +33,11 @@ from app.db.models import Embedding, EmbeddingVersion, FusionCheckpoint, Item
 from app.db.repo import MetadataRepo, NewItem
 from app.encoder import Encoder, create_encoder
 from app.imaging import ImageLimits, ImageRejected, open_image_safely
-from app.memory.base import ItemPayload, MemoryRecord
-from app.memory.qdrant import QdrantMemory, drop_collection, get_qdrant_client, live_collection, swap_alias
+from app.memory.base import ItemPayload, MemoryRecord, MemoryStore
+from app.memory.store import encoder_memory, open_store
 from app.schemas import EmbedStatus, RejectReason
 
 if TYPE_CHECKING:
-    from qdrant_client import QdrantClient
-
     from app.config import Settings
 
 log = logging.getLogger(__name__)
@@ -82,17 +80,17 @@ def live_version(repo: MetadataRepo) -> EmbeddingVersion | None:
 
 
 class ReembedService:
-    """Constructor arguments: the target encoder; repo and Qdrant client explicit or from the settings."""
+    """Constructor arguments: the target encoder; repo and memory store explicit or from the settings."""
 
     def __init__(
         self, settings: Settings, encoder: Encoder, *, repo: MetadataRepo | None = None,
-        client: QdrantClient | None = None,
+        store: MemoryStore | None = None,
     ) -> None:
         self.settings = settings
         self.encoder = encoder
         self.repo = repo or MetadataRepo.from_url(settings.resolved_database_url)
-        self.client = client or get_qdrant_client(settings)
-        self.memory = QdrantMemory.for_encoder(settings, encoder.encoder_id, encoder.dim, client=self.client)
+        self.store = store or open_store(settings)
+        self.memory = encoder_memory(settings, encoder.encoder_id, encoder.dim, store=self.store)
         self.limits = ImageLimits.from_settings(settings)
         self._register()
 
@@ -116,7 +114,8 @@ class ReembedService:
 
     def next_items(self, limit: int) -> list[Item]:
         """Items embedded under another version and not yet done under the target (id order)."""
-        stmt = (select(Item).where(and_(self._embedded_elsewhere(), ~self._done_under_target()))
+        stmt = (select(Item).where(and_(self._embedded_elsewhere(), ~self._done_under_target(),
+                                        Item.deleted_at.is_(None)))
                 .order_by(Item.id).limit(limit))
         with self.repo.session() as s:
             return list(s.scalars(stmt))
@@ -234,7 +233,7 @@ class ReembedService:
     def swap(self) -> None:
         """Alias → the new collection (one request), then the DB follows; the old version is kept."""
         previous = live_version(self.repo)
-        swap_alias(self.client, self.settings.memory_alias, self.memory.collection)
+        self.store.swap_alias(self.settings.memory_alias, self.memory.collection)
         self.repo.set_live_version(self.encoder_id)
         if previous is not None and previous.encoder_id != self.encoder_id:
             self.repo.update_version_progress(previous.encoder_id, status=READY)
@@ -275,17 +274,17 @@ def unfinished_versions(repo: MetadataRepo) -> list[EmbeddingVersion]:
 
 
 def drop_old_versions(settings: Settings, *, repo: MetadataRepo | None = None,
-                      client: QdrantClient | None = None) -> list[str]:
+                      store: MemoryStore | None = None) -> list[str]:
     """Delete the collections of every version that is neither live nor being built."""
     repo = repo or MetadataRepo.from_url(settings.resolved_database_url)
-    client = client or get_qdrant_client(settings)
-    live = live_collection(client, settings.memory_alias)
+    store = store or open_store(settings)
+    live = store.live_collection(settings.memory_alias)
     dropped = []
     for version in repo.versions():
         if version.is_live or version.collection == live or version.status in (BUILDING, DROPPED):
             continue
-        if client.collection_exists(version.collection):
-            drop_collection(client, version.collection)
+        if store.collection_exists(version.collection):
+            store.drop_collection(version.collection)
         repo.update_version_progress(version.encoder_id, status=DROPPED)
         dropped.append(version.collection)
     return dropped
@@ -308,22 +307,18 @@ def reembed_now(
     settings: Settings, model: str, pretrained: str, *, seed: int | None = None, swap: bool = True,
     drop_old: bool = False, progress: bool = False,
 ) -> dict[str, Any]:
-    """``reco reembed`` in this process: run to the end, swap, publish the memory, optionally drop old ones."""
+    """``reco reembed`` in this process: run to the end, swap, optionally drop old ones."""
     from tqdm import tqdm
-
-    from app.services.snapshots import publish_snapshot
 
     service = ReembedService(settings, encoder_for(settings, model, pretrained, seed))
     with tqdm(total=service.progress().remaining, unit="item", desc="re-embed", disable=not progress) as bar:
         result = service.run(swap=swap, on_batch=lambda _done, tried: bar.update(tried))
-    if result.swapped:
-        publish_snapshot(settings, repo=service.repo, force=True)
-    dropped = drop_old_versions(settings, repo=service.repo, client=service.client) if drop_old else []
+    dropped = drop_old_versions(settings, repo=service.repo, store=service.store) if drop_old else []
     return result.model_dump() | {"dropped": dropped, "fusion": fusion_status(service.repo)}
 
 
 def schedule_reembed(settings: Settings, model: str, pretrained: str, *, seed: int | None = None) -> dict[str, Any]:
-    """Record the request only (no Qdrant access): the maintenance worker's scheduled check runs it."""
+    """Record the request only (no memory access): the maintenance worker's scheduled check runs it."""
     encoder = encoder_for(settings, model, pretrained, seed)
     repo = MetadataRepo.from_url(settings.resolved_database_url)
     from app.encoder import collection_name_for

@@ -10,8 +10,8 @@ from pydantic import BaseModel, Field, model_validator
 
 from app.encoder import Encoder, create_encoder
 from app.imaging import ImageLimits, open_image_safely
-from app.memory.base import SearchHit
-from app.memory.qdrant import QdrantMemory
+from app.memory.base import SearchHit, VectorMemory
+from app.memory.store import live_memory
 from app.schemas import Modality
 
 if TYPE_CHECKING:
@@ -21,14 +21,20 @@ if TYPE_CHECKING:
 Refiner = Callable[[np.ndarray, Modality], np.ndarray]
 
 
-class SearchRequest(BaseModel):
-    text: str | None = None
-    image_bytes: bytes | None = Field(default=None, repr=False)
+class SearchOptions(BaseModel):
+    """How to rank: everything but the query itself."""
+
     k: int = Field(default=5, ge=1, le=1000)
     filters: dict[str, Any] = {}
     target: Modality | None = Field(
         default=None, description="Which stored vectors to rank; default: the other modality (CLIP retrieval).")
     distinct_images: bool = Field(default=True, description="One result per image when ranking images.")
+    score_threshold: float | None = Field(default=None, ge=-1.0, le=1.0, description="Only hits at least this similar.")
+
+
+class SearchRequest(SearchOptions):
+    text: str | None = Field(default=None, max_length=4000)
+    image_bytes: bytes | None = Field(default=None, repr=False)
 
     @model_validator(mode="after")
     def _one_query(self) -> SearchRequest:
@@ -70,10 +76,10 @@ def hit_to_result(hit: SearchHit) -> SearchResult:
 
 class SearchService:
     def __init__(self, settings: Settings, *, encoder: Encoder | None = None,
-                 memory: QdrantMemory | None = None) -> None:
+                 memory: VectorMemory | None = None) -> None:
         self.settings = settings
         self.encoder = encoder or create_encoder(settings)
-        self.memory = memory or QdrantMemory.live(settings)
+        self.memory = memory or live_memory(settings)
         self.limits = ImageLimits.from_settings(settings)
 
     def embed_query(self, request: SearchRequest) -> np.ndarray:
@@ -91,6 +97,7 @@ class SearchService:
             vector = refine(vector, request.query_modality)
         target = request.target or (Modality.IMAGE if request.query_modality == Modality.TEXT else Modality.TEXT)
         hits = self.memory.search(vector, target, request.k, filters=request.filters,
+                                  score_threshold=request.score_threshold,
                                   distinct_images=request.distinct_images and target == Modality.IMAGE)
         return SearchResponse(results=[hit_to_result(h) for h in hits], encoder_id=self.encoder.encoder_id,
                               random_weights=bool(getattr(self.encoder, "is_random", False)),

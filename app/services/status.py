@@ -5,26 +5,28 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from app.db.repo import MetadataRepo, as_dict
-from app.memory.qdrant import QdrantMemory, get_qdrant_client, list_collections, live_collection
+from app.memory.store import open_store
 
 if TYPE_CHECKING:
     from app.config import Settings
+    from app.memory.base import MemoryStore
 
 
-def memory_status(settings: Settings, repo: MetadataRepo | None = None) -> dict[str, Any]:
+def memory_status(settings: Settings, repo: MetadataRepo | None = None, *,
+                  store: MemoryStore | None = None) -> dict[str, Any]:
     repo = repo or MetadataRepo.from_url(settings.resolved_database_url)
-    client = get_qdrant_client(settings)
-    collections = {name: QdrantMemory(client, name).count() for name in list_collections(client)}
+    store = store or open_store(settings)
+    collections = {name: store.collection(name).count() for name in store.list_collections()}
     jobs = repo.recent_jobs(5)
     return {
         "items": repo.count_items(),
         "status": repo.status_counts(),
         "collections": collections,
-        "alias": {"name": settings.memory_alias, "collection": live_collection(client, settings.memory_alias)},
+        "alias": {"name": settings.memory_alias, "collection": store.live_collection(settings.memory_alias)},
         "versions": [as_dict(v) for v in repo.versions()],
         "recent_jobs": [as_dict(j) for j in jobs],
         "database": _redact(settings.resolved_database_url),
-        "qdrant": settings.qdrant_url or settings.resolved_qdrant_path,
+        "memory": {"backend": store.backend, "location": store.location},
     }
 
 

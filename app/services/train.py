@@ -22,7 +22,7 @@ from app.db.runs import register_checkpoint
 from app.encoder import Encoder, create_encoder
 from app.fusion.config import get_fusion_config
 from app.fusion.train import TrainingPairs, TrainOptions, TrainResult, train_fusion
-from app.memory.qdrant import QdrantMemory
+from app.memory.base import VectorMemory
 from app.retrieval import RetrievalCfg
 from app.services.method_common import (
     MethodError,
@@ -133,7 +133,7 @@ def run_training(
     request: TrainRequest,
     *,
     encoder: Encoder | None = None,
-    memory: QdrantMemory | None = None,
+    memory: VectorMemory | None = None,
     session_factory: sessionmaker[Session] | None = None,
 ) -> TrainReport:
     """Train on the memory of the configured encoder; returns where the checkpoint went and its metrics."""

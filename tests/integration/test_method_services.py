@@ -1,5 +1,5 @@
 """``reco train`` / ``reco eval`` / ``reco predict`` services end to end on real images (CC0 Clothing-10),
-a Qdrant local-mode memory and a SQLite metadata DB. The encoder is the tiny random one: this proves
+a Qdrant Edge memory and a SQLite metadata DB. The encoder is the tiny random one: this proves
 the plumbing (manifests, caching, near-duplicates, checkpoints, DB rows, JSON), not accuracy."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from qdrant_client import QdrantClient
 from typer.testing import CliRunner
 
 from app.config import Settings
@@ -18,8 +17,8 @@ from app.db.session import make_session_factory
 from app.evaluation import METRICS
 from app.imaging import open_image_safely
 from app.manifest import read_manifest
-from app.memory.base import ItemPayload, MemoryRecord, image_hash, item_id_for
-from app.memory.qdrant import QdrantMemory
+from app.memory.base import ItemPayload, MemoryRecord, VectorMemory, image_hash, item_id_for
+from app.memory.edge import EdgeStore
 from app.schemas import RefineMode
 from app.services.evaluate import EvalRequest, run_evaluation
 from app.services.predict import PredictRequest, predict_image
@@ -29,16 +28,15 @@ N_MEMORY = 48
 
 
 @pytest.fixture
-def memory(tiny_encoder, shared_data: Path) -> Iterator[QdrantMemory]:  # type: ignore[no-untyped-def]
+def memory(tiny_encoder, shared_data: Path, tmp_path: Path) -> Iterator[VectorMemory]:  # type: ignore[no-untyped-def]
     """The first Clothing-10 training rows as memory pairs (embedded here, not through ingestion)."""
     rows = [r for r in read_manifest(shared_data / "clothing10" / "manifest.csv") if r.split == "train"]
     rows = rows[:N_MEMORY]
     data = [r.path.read_bytes() for r in rows if r.path]
     images = tiny_encoder.encode_images([open_image_safely(b) for b in data])
     texts = tiny_encoder.encode_texts([r.caption for r in rows])
-    client = QdrantClient(location=":memory:")
-    mem = QdrantMemory(client, f"reco__{tiny_encoder.encoder_id.replace('/', '_')}")
-    mem.ensure(tiny_encoder.dim)
+    store = EdgeStore(tmp_path / "memory")
+    mem = store.ensure_collection(f"reco__{tiny_encoder.encoder_id.replace('/', '_')}", tiny_encoder.dim)
     records = []
     for row, raw, v, t in zip(rows, data, images, texts, strict=True):
         sha = image_hash(raw)
@@ -47,11 +45,11 @@ def memory(tiny_encoder, shared_data: Path) -> Iterator[QdrantMemory]:  # type: 
         records.append(MemoryRecord(payload, v, t))
     mem.upsert(records)
     yield mem
-    client.close()
+    store.close()
 
 
 @pytest.mark.slow
-def test_train_evaluate_predict(settings: Settings, memory: QdrantMemory, tiny_encoder, shared_data: Path) -> None:  # type: ignore[no-untyped-def]
+def test_train_evaluate_predict(settings: Settings, memory: VectorMemory, tiny_encoder, shared_data: Path) -> None:  # type: ignore[no-untyped-def]
     train = run_training(settings, TrainRequest(dataset="clothing10", split="train", epochs=2, batch_size=16, k=4,
                                                 progress=False), encoder=tiny_encoder, memory=memory)
     assert Path(train.checkpoint).is_file() and train.pairs == N_MEMORY and train.memory_size == N_MEMORY

@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 
 from app.config import Settings, get_settings
 from app.db.models import Embedding, IngestFailure, IngestTask, Item
-from app.memory.qdrant import QdrantMemory, close_qdrant_clients, get_qdrant_client, live_collection
+from app.memory.store import close_stores, open_store
 from app.services.ingest_ledger import IngestLedger
 from ingestion.dispatch import dispatch_source, wait_for_job
 from tests.integration.workers_support import (  # noqa: F401 - fixtures
@@ -61,9 +61,9 @@ def exactly_once_counts(settings: Settings, job_id: int) -> dict[str, Any]:
         statuses = dict(s.execute(select(Embedding.status, func.count()).group_by(Embedding.status)).all())
         reprocessed = s.scalar(select(func.count()).select_from(Embedding).where(Embedding.attempts > 1)) or 0
         failures = s.scalar(select(func.count()).select_from(IngestFailure).where(IngestFailure.job_id == job_id))
-    client = get_qdrant_client(settings)
-    memory = QdrantMemory(client, live_collection(client, settings.memory_alias) or "")
-    points = [str(p.id) for page in memory.scroll(limit=1000) for p in page]
+    store = open_store(settings)
+    memory = store.collection(store.live_collection(settings.memory_alias) or "")
+    points = [p.item_id for page in memory.scroll(limit=1000) for p in page]
     embedded = [r for r in rows if r.state == "embedded"]
     failed = [r for r in rows if r.state == "failed"]
     return {
@@ -162,7 +162,7 @@ def test_redis_restart_during_ingestion_completes(
     finally:
         stack.stop_all()
         redis_server.stop()
-        close_qdrant_clients()
+        close_stores()
     record("redis_restart", counts)
     assert at_restart < N_ITEMS
     assert_exactly_once(counts, N_ITEMS)

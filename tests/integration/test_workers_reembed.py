@@ -15,11 +15,10 @@ from sqlalchemy import func, select
 from app.config import get_settings
 from app.db.models import Embedding
 from app.db.repo import MetadataRepo
-from app.memory.qdrant import QdrantMemory, close_qdrant_clients, get_qdrant_client, live_collection
+from app.memory.store import close_stores, open_store
 from app.schemas import EmbedStatus
 from app.services.ingest import IngestService
 from app.services.reembed import drop_old_versions, fusion_status
-from app.services.snapshots import publish_snapshot
 from ingestion.pipeline import ingest_source
 from tests.conftest import SHARED_DATA
 from tests.integration.workers_support import (  # noqa: F401 - fixtures
@@ -59,7 +58,7 @@ class Searcher(threading.Thread):
         while not self.stop.is_set():
             try:
                 found = self.client.search({"text": f"a dog runs {n}"}, mode="clip", k=5)
-                assert len(found["clip"]) == 5, found
+                assert len(found["results"]) == 5, found
                 self.answers.append(found["encoder_id"])
             except Exception as exc:  # noqa: BLE001 - the test counts them
                 self.errors.append(f"{type(exc).__name__}: {exc}")
@@ -72,10 +71,9 @@ def test_reembed_killed_halfway_resumes_and_searches_never_fail(stack: Stack, tm
     service = IngestService(settings)  # the memory to re-embed, written in this process
     ingest_source(flickr_manifest(SHARED_DATA, tmp_path / "flickr", N_ITEMS), settings, service=service,
                   progress=False)
-    publish_snapshot(settings, repo=service.repo, memory=service.memory)
     repo = service.repo
-    close_qdrant_clients()  # hand the local store over to the worker
-
+    close_stores()  # hand the memory over to reco serve: the workers (and this process) go through it
+    stack.serve()
     owner = stack.worker("embed,maintenance", "owner")
     stack.worker("refine", "refine")
     app = create_celery_app(settings)
@@ -96,14 +94,14 @@ def test_reembed_killed_halfway_resumes_and_searches_never_fail(stack: Stack, tm
     searcher.join(timeout=60)
     stack.stop_all()
 
-    client = get_qdrant_client(settings)
+    store = open_store(settings)
     versions = {v.encoder_id: v for v in repo.versions()}
     counts: dict[str, Any] = {
         "done_at_kill": at_kill, "searches": len(searcher.answers), "search_errors": len(searcher.errors),
         "answered_by_old": searcher.answers.count(OLD), "answered_by_new": searcher.answers.count(NEW),
-        "alias": live_collection(client, settings.memory_alias),
-        "new_points": QdrantMemory(client, versions[NEW].collection).count(),
-        "old_points_kept": QdrantMemory(client, versions[OLD].collection).count(),
+        "alias": store.live_collection(settings.memory_alias),
+        "new_points": store.collection(versions[NEW].collection).count(),
+        "old_points_kept": store.collection(versions[OLD].collection).count(),
         "status": {k: v.status for k, v in versions.items()}, "new_embedded_rows": _embedded(repo, NEW),
         "fusion": fusion_status(repo),
     }
@@ -116,5 +114,5 @@ def test_reembed_killed_halfway_resumes_and_searches_never_fail(stack: Stack, tm
     assert counts["new_points"] == counts["new_embedded_rows"] == counts["old_points_kept"] == N_ITEMS
     assert counts["status"] == {OLD: "ready", NEW: "live"}
     assert counts["fusion"]["retraining_required"] and counts["fusion"]["live_encoder_id"] == NEW
-    assert drop_old_versions(settings, repo=repo, client=client) == [versions[OLD].collection]
-    assert not client.collection_exists(versions[OLD].collection)
+    assert drop_old_versions(settings, repo=repo, store=store) == [versions[OLD].collection]
+    assert not store.collection_exists(versions[OLD].collection)

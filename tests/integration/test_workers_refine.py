@@ -1,8 +1,8 @@
 """The refine worker for real: a worker process on the ``refine`` queue, answering through the broker.
 
 The memory (200 distinct Flickr8k images, one caption each) is ingested and a fusion checkpoint trained
-in this process; the memory is published as a snapshot; the worker must answer ``predict`` and
-``search`` exactly as the in-process services answer over the Qdrant store itself.
+in this process; then ``reco serve`` owns the memory; the worker must answer ``predict`` and ``search``
+exactly as the serving service answers in this process (both reach the memory through the server).
 """
 
 from __future__ import annotations
@@ -17,12 +17,10 @@ import numpy as np
 import pytest
 
 from app.config import Settings, get_settings
-from app.memory.qdrant import close_qdrant_clients
-from app.schemas import Modality, RefineMode
+from app.memory.store import close_stores
+from app.schemas import RefineMode
 from app.services.ingest import IngestService
-from app.services.predict import PredictRequest, predict_image
-from app.services.search import SearchRequest, SearchService
-from app.services.snapshots import publish_snapshot
+from app.services.serving import PredictionOut, PredictQuery, SearchQuery, ServingService
 from app.services.train import TrainRequest, run_training
 from ingestion.pipeline import ingest_source
 from tests.integration.workers_support import ARTIFACTS, Stack, make_stack, shared_redis_broker
@@ -71,20 +69,22 @@ def refine_stack(
     ingest_source(manifest, settings, service=service, progress=False)
     run_training(settings, TrainRequest(dataset="flickr-distinct", split="train", epochs=1, batch_size=64,
                                         progress=False), encoder=service.encoder, memory=service.memory)
-    assert publish_snapshot(settings, repo=service.repo, memory=service.memory) is not None
+    close_stores()  # the memory is the server's now: the worker and this process reach it through it
     try:
+        stack.serve()
         yield stack, settings, manifest
     finally:
         stack.stop_all()
-        close_qdrant_clients()
+        close_stores()
 
 
-def _same_predictions(worker: dict, local: dict) -> None:  # type: ignore[type-arg]
-    assert [p["name"] for p in worker["predictions"]] == [p["name"] for p in local["predictions"]]
-    assert np.allclose([p["score"] for p in worker["predictions"]], [p["score"] for p in local["predictions"]],
-                       atol=TOL)
-    assert [n["item_id"] for n in worker["neighbours"]] == [n["item_id"] for n in local["neighbours"]]
-    assert np.allclose([n["attention"] for n in worker["neighbours"]], [n["attention"] for n in local["neighbours"]],
+def _same_predictions(worker: dict, local: PredictionOut) -> None:  # type: ignore[type-arg]
+    for side in ("clip", "reco"):
+        mine = getattr(local, side)
+        assert [p["name"] for p in worker[side]] == [p.name for p in mine]
+        assert np.allclose([p["score"] for p in worker[side]], [p.score for p in mine], atol=TOL)
+    assert [n["item_id"] for n in worker["neighbours"]] == [n.item_id for n in local.neighbours]
+    assert np.allclose([n["attention"] for n in worker["neighbours"]], [n.attention for n in local.neighbours],
                        atol=TOL)
 
 
@@ -93,36 +93,35 @@ def _same_results(worker: list[dict], local: list) -> None:  # type: ignore[type
     assert np.allclose([r["score"] for r in worker], [r.score for r in local], atol=TOL)
 
 
-def test_refine_worker_answers_like_the_in_process_services(refine_stack: tuple[Stack, Settings, Path]) -> None:
+def test_refine_worker_answers_like_the_serving_service(refine_stack: tuple[Stack, Settings, Path]) -> None:
+    """The worker wraps the one serving service and reaches the memory through reco serve: its answers equal
+    the service's in this process (same engine), and a request's own k' is honoured."""
     stack, settings, manifest = refine_stack
     stack.worker("refine", "refine")
     client = RefineClient(create_celery_app(settings), timeout_s=120)
     images = sorted((manifest.parent / "images").iterdir())
     image = images[0].read_bytes()
+    local_service = ServingService(settings)
+    assert local_service.store.backend == "reco-serve"
 
     answer = client.predict(image, CLASSES, mode="both")
-    assert answer["reco"] is not None and not answer["retraining_required"], answer
-    local = {mode: predict_image(settings, PredictRequest(image_bytes=image, classes=CLASSES, mode=mode))
-             .model_dump(mode="json") for mode in (RefineMode.CLIP, RefineMode.BOTH)}
-    _same_predictions(answer["clip"], local[RefineMode.CLIP])
-    _same_predictions(answer["reco"], local[RefineMode.BOTH])
-    assert len(answer["reco"]["neighbours"]) == 5 and all(n["caption"] for n in answer["reco"]["neighbours"])
+    assert answer["reco"] is not None and answer["reco_unavailable"] is None, answer["reco_unavailable"]
+    local = local_service.predict([("image", image)], PredictQuery(labels=CLASSES, mode=RefineMode.BOTH))[0]
+    _same_predictions(answer, local)
+    assert len(answer["neighbours"]) == 5 and all(n["caption"] for n in answer["neighbours"])
+    narrow = client.predict(image, CLASSES, mode="both", k=3)  # k' != RECO_K_INFER: the request's own
+    assert len(narrow["neighbours"]) == 3 and narrow["k"] == 3
 
     text = "a dog runs through the grass"
-    found = client.search({"text": text}, mode="text", k=10)
-    service = SearchService(settings)
-    _same_results(found["clip"], service.search(SearchRequest(text=text, k=10)).results)
-    from app.refine import refiner_from_checkpoint
-    from app.services.method_common import resolve_checkpoint, session_factory_for
+    found = client.search({"text": text}, mode="clip", k=10)
+    _same_results(found["results"], local_service.search(SearchQuery(text=text, k=10)).results)
+    refined = client.search({"text": text}, mode="text", k=10)
+    mine = local_service.search(SearchQuery(text=text, k=10, mode=RefineMode.TEXT))
+    assert refined["reco"] and mine.reco
+    _same_results(refined["results"], mine.results)
+    assert len(refined["neighbours"]) == 5 and refined["self_attention"] is not None
 
-    path, record = resolve_checkpoint(settings, service.encoder.encoder_id, None, session_factory_for(settings))
-    refiner, _ = refiner_from_checkpoint(path, service.memory, k=5)
-    reco = service.search(SearchRequest(text=text, k=10),
-                          refine=lambda v, m: refiner.refine_one(v, Modality(m)).vector).results
-    _same_results(found["reco"], reco)
-    assert len(found["neighbours"]) == 5 and found["self_attention"] is not None
-
-    client.stats(reset=True)  # leave the cold start (snapshot, encoder, checkpoint loading) out
+    client.stats(reset=True)  # leave the cold start (encoder, checkpoint loading) out
     for n in range(40):  # latency on this CPU: p50/p99 as the worker measures them
         client.predict(images[n % len(images)].read_bytes(), CLASSES, mode="both")
         client.search({"text": f"{text} {n}"}, mode="text", k=10)

@@ -20,14 +20,11 @@ from typer.testing import CliRunner
 from app.config import Settings
 from app.db.models import IngestFailure
 from app.encoder import OpenClipEncoder
-from app.memory.qdrant import QdrantMemory, live_collection
-from app.schemas import Modality
 from app.services.ingest import IngestService, prepare_storage
 from app.services.ingest_async import EmbedBatchService, is_transient, retry_delay_s
 from app.services.ingest_ledger import IngestLedger, TaskRef
 from app.services.reembed import ReembedService, drop_old_versions, fusion_status
 from app.services.search import SearchRequest, SearchService
-from app.services.snapshots import SnapshotMemory, live_snapshot, load_snapshot, publish_snapshot
 from ingestion.dispatch import dispatch_source, make_decoder, resend_lost, wait_for_capacity
 from ingestion.pipeline import ingest_source
 from ingestion.watch import scan_once
@@ -201,37 +198,22 @@ def test_reembed_resumes_swaps_keeps_old_and_fails_changed_sources(
     images[0].write_bytes(images[1].read_bytes())  # a source changed after ingestion: 5 captions
     small = settings.model_copy(update={"reembed_batch_size": 10})
     target = OpenClipEncoder("reco-tiny", "", seed=1)
-    service = ReembedService(small, target, repo=ingest.repo, client=ingest.memory.client)
+    service = ReembedService(small, target, repo=ingest.repo, store=ingest.store)
     first = service.run(max_seconds=1e-9)  # out of time after one batch: resumes later
     assert (first.done + first.failed, first.remaining, first.swapped) == (10, 30, False)
     search = SearchService(settings, encoder=ingest.encoder)
     assert len(search.search(SearchRequest(text="a dog", k=3)).results) == 3  # old version still serves
-    resumed = ReembedService(small, target, repo=ingest.repo, client=ingest.memory.client)  # "after the kill"
+    resumed = ReembedService(small, target, repo=ingest.repo, store=ingest.store)  # "after the kill"
     slices = [resumed.run(max_seconds=1e-9) for _ in range(3)]  # the slice that does the last batch swaps
     done = slices[-1]
     assert [s.swapped for s in slices] == [False, False, True]
     assert (done.done, done.failed, done.remaining) == (35, 5, 0)
-    client = ingest.memory.client
-    assert live_collection(client, settings.memory_alias) == target.collection_name
-    assert QdrantMemory(client, ingest.memory.collection).count() == 40  # old version kept
+    store = ingest.store
+    assert store.live_collection(settings.memory_alias) == target.collection_name
+    assert store.collection(ingest.memory.collection).count() == 40  # old version kept
     assert SearchService(settings, encoder=target).search(SearchRequest(text="a dog", k=3)).results
     assert fusion_status(ingest.repo)["retraining_required"]
-    assert drop_old_versions(settings, repo=ingest.repo, client=client) == [ingest.memory.collection]
-
-
-def test_snapshot_is_published_on_change_and_searches_like_qdrant(settings: Settings, ingest: IngestService,
-                                                                   shared_data: Path, tmp_path: Path) -> None:
-    ingest_source(flickr_manifest(shared_data, tmp_path / "f", 30), settings, service=ingest, progress=False)
-    info = publish_snapshot(settings, repo=ingest.repo, memory=ingest.memory)
-    assert info is not None and live_snapshot(settings) == info and info.count == 30
-    assert publish_snapshot(settings, repo=ingest.repo, memory=ingest.memory) is None  # unchanged
-    snapshot = SnapshotMemory(load_snapshot(info, settings), info.collection)
-    query = ingest.encoder.encode_texts(["two dogs play in the snow"])[0]
-    for distinct in (False, True):
-        ours = snapshot.search(query, Modality.IMAGE, 4, distinct_images=distinct)
-        theirs = ingest.memory.search(query, Modality.IMAGE, 4, distinct_images=distinct)
-        assert [h.payload.image_hash for h in ours] == [h.payload.image_hash for h in theirs]  # type: ignore[union-attr]
-        assert np.allclose([h.score for h in ours], [h.score for h in theirs], atol=1e-5)
+    assert drop_old_versions(settings, repo=ingest.repo, store=store) == [ingest.memory.collection]
 
 
 def test_reembed_cli_schedules_and_reports(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -334,13 +316,15 @@ def test_transient_errors_are_told_apart_from_bad_input() -> None:
     from kombu.exceptions import OperationalError as BrokerDown
     from sqlalchemy.exc import OperationalError
 
-    from app.memory.qdrant import MemoryStoreError
+    from app.memory.base import MemoryHeldElsewhere, MemoryStoreError
+    from app.remote import ServerUnreachable
     from workers.runtime import is_transient_error
 
     transient = [OperationalError("SELECT 1", {}, Exception("server closed the connection")),
                  httpx.ConnectError("refused"), ConnectionRefusedError(), BrokerDown("redis down"),
                  redis.exceptions.ConnectionError("reset"),
-                 MemoryStoreError("the local Qdrant store x is already open in another process (locked)")]
+                 MemoryHeldElsewhere("the memory at x is open in process 1 (an owner shutting down)"),
+                 ServerUnreachable("reco serve at http://127.0.0.1:1 did not answer (restarting)")]
     permanent = [ValueError("bad caption"), KeyError("x"), MemoryStoreError("collection holds 512-d vectors")]
     assert [is_transient_error(e) for e in transient] == [True] * len(transient)
     assert [is_transient_error(e) for e in permanent] == [False] * len(permanent)

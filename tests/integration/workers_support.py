@@ -144,6 +144,25 @@ class Stack:
     def beat(self) -> Proc:
         return self._spawn("beat", ["beat", "--loglevel", "info"])
 
+    def serve(self, *, ready_timeout_s: float = 120) -> Proc:
+        """``reco serve`` on a free port; returns once it announced itself in the data dir (processes
+        started after it, and this one after ``close_stores()``, then reach the memory through it)."""
+        import json
+
+        announcement = Path(self.env["RECO_DATA_DIR"]) / "serve.json"
+        proc = self._spawn("serve", ["serve", "--port", "0"])
+
+        def announced() -> bool:
+            try:
+                return json.loads(announcement.read_text()).get("pid") == proc.popen.pid or not proc.alive()
+            except (OSError, ValueError):
+                return not proc.alive()
+
+        wait_until(announced, ready_timeout_s, "reco serve announced")
+        if not proc.alive():
+            raise RuntimeError(f"reco serve exited:\n{proc.text()[-4000:]}")
+        return proc
+
     def stop_all(self) -> None:
         for proc in reversed(self.procs):
             proc.stop()
@@ -228,6 +247,8 @@ def worker_env(data_dir: Path, database_url: str, broker_url: str) -> dict[str, 
         "RECO_INGEST_BATCH_SIZE": "50", "RECO_BROKER_VISIBILITY_TIMEOUT_S": "6",
         "RECO_INGEST_STALE_AFTER_S": "4", "RECO_MAINTENANCE_INTERVAL_S": "2", "RECO_WATCH_INTERVAL_S": "3600",
         "RECO_REEMBED_CHECK_INTERVAL_S": "3600", "RECO_REEMBED_BATCH_SIZE": "50", "HF_HUB_OFFLINE": "1",
+        # queues of this test's own: another test run on the same Redis (another checkout) never takes its messages
+        "RECO_BROKER_KEY_PREFIX": f"t{uuid.uuid4().hex[:8]}:",
     }
 
 
@@ -248,22 +269,20 @@ def make_stack(
 
 
 def shared_redis_broker(redis_url: str) -> str:
-    import redis
-
-    broker = redis_url.rsplit("/", 1)[0] + f"/{TEST_REDIS_DB}"
-    redis.Redis.from_url(broker).flushdb()
-    return broker
+    """A database of the shared Redis for these tests; each stack's keys carry a prefix of their own
+    (RECO_BROKER_KEY_PREFIX), so runs on the same Redis never see each other's queues (nothing is flushed)."""
+    return redis_url.rsplit("/", 1)[0] + f"/{TEST_REDIS_DB}"
 
 
 @pytest.fixture(name="stack")
 def stack_fixture(
     tmp_path: Path, postgres_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Stack]:
-    from app.memory.qdrant import close_qdrant_clients
+    from app.memory.store import close_stores
 
     stack = make_stack(tmp_path, postgres_url, shared_redis_broker(redis_url), monkeypatch)
     try:
         yield stack
     finally:
         stack.stop_all()
-        close_qdrant_clients()
+        close_stores()

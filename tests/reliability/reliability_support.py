@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 from app.config import Settings
 from app.db.models import Embedding, IngestFailure, IngestTask, Item
 from app.db.repo import MetadataRepo
-from app.memory.qdrant import QdrantMemory
+from app.memory.base import VectorMemory
 from tests.conftest import IN_CI, SHARED_DATA
 from tests.fixtures.bad_inputs import make_corpus, manifest_cases, write_manifest
 from tests.integration.workers_support import PrivateRedis, flickr_manifest, wait_until
@@ -58,7 +58,7 @@ def files_in(folder: Path) -> list[str]:
     return sorted(str(p) for p in folder.rglob("*") if not p.is_dir())
 
 
-def memory_counts(repo: MetadataRepo, memory: QdrantMemory, *, submitted: int, failed: int) -> dict[str, Any]:
+def memory_counts(repo: MetadataRepo, memory: VectorMemory, *, submitted: int, failed: int) -> dict[str, Any]:
     """Items in the memory, checked in both stores: one DB row and one Qdrant point per item, the same ids,
     every embedding row final. ``submitted``/``failed``: rows given / rows refused with a reason.
 
@@ -69,7 +69,7 @@ def memory_counts(repo: MetadataRepo, memory: QdrantMemory, *, submitted: int, f
         item_ids = list(s.scalars(select(Item.id)))
         statuses = dict(s.execute(select(Embedding.status, func.count()).group_by(Embedding.status)).all())
         per_item = s.scalar(select(func.count()).select_from(Embedding)) or 0
-    points = [str(p.id) for page in memory.scroll(limit=1000) for p in page]
+    points = [p.item_id for page in memory.scroll(limit=1000) for p in page]
     duplicated = (len(points) - len(set(points))) + (len(item_ids) - len(set(item_ids))) + (per_item - len(item_ids))
     return {"items": len(item_ids), "points": len(points), "same_ids": set(points) == set(item_ids),
             "db_status": {str(k): int(v) for k, v in statuses.items()}, "duplicated": duplicated,

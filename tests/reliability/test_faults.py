@@ -27,10 +27,9 @@ from sqlalchemy import func, select
 from app.config import Settings, get_settings
 from app.db.models import Embedding
 from app.db.repo import MetadataRepo
-from app.memory.qdrant import QdrantMemory, close_qdrant_clients, get_qdrant_client, live_collection
+from app.memory.store import close_stores, encoder_memory, open_store
 from app.schemas import EmbedStatus
 from app.services.ingest import IngestService, prepare_storage
-from app.services.snapshots import publish_snapshot
 from ingestion.dispatch import dispatch_source, wait_for_job
 from ingestion.pipeline import ingest_source
 from tests.conftest import SHARED_DATA
@@ -104,7 +103,7 @@ def test_embed_worker_sigkill_and_redis_restart_with_bad_rows(
     finally:
         stack.stop_all()
         redis_server.stop()
-        close_qdrant_clients()
+        close_stores()
 
 
 @pytest.mark.postgres
@@ -121,7 +120,7 @@ def test_postgres_restart_mid_ingestion(
         _postgres_restart_mid_ingestion(stack, tmp_path, reliability)
     finally:
         stack.stop_all()
-        close_qdrant_clients()
+        close_stores()
 
 
 def _postgres_restart_mid_ingestion(stack: Stack, tmp_path: Path, reliability: ReliabilitySummary) -> None:
@@ -155,11 +154,11 @@ def _reco(args: list[str], env: dict[str, str], timeout_s: float = 120) -> subpr
                           timeout=timeout_s)
 
 
-def test_qdrant_store_opened_by_a_second_process(
+def test_embedded_memory_opened_by_a_second_process(
     settings: Settings, tiny_encoder, tmp_path: Path, reliability: ReliabilitySummary,  # type: ignore[no-untyped-def]
 ) -> None:
-    """Local mode is single-process: a second process gets a clear error (no traceback) and changes nothing;
-    the first keeps working, and the store reopens intact."""
+    """An embedded memory has one owner: a second process gets a clear error naming the owner and what to do
+    (no traceback) and changes nothing; the first keeps working, and the store reopens intact."""
     prepare_storage(settings)
     service = IngestService(settings, encoder=tiny_encoder)
     first = ingest_source(flickr_manifest(SHARED_DATA, tmp_path / "a", 20), settings, service=service,
@@ -169,20 +168,21 @@ def test_qdrant_store_opened_by_a_second_process(
     second = flickr_manifest(SHARED_DATA, tmp_path / "b", 40)
     result = _reco(["ingest", str(second), "--json"], env)  # a second process tries to write
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "already open in another process" in result.stderr and "Traceback" not in result.stderr
+    assert f"is open in process {os.getpid()}" in result.stderr and "reco serve" in result.stderr
+    assert "Traceback" not in result.stderr
     assert result.stdout == ""
     again = ingest_source(second, settings, service=service, progress=False)  # the first process still works
     hits = service.memory.search(service.encoder.encode_texts(["a dog"])[0], "text", 5)
     assert len(hits) == 5
     expected_ids = set(service.repo.item_ids_with_status(service.encoder_id, EmbedStatus.EMBEDDED, 10_000))
-    close_qdrant_clients()  # reopen from disk: nothing the refused process did (or half did) shows
-    reopened = QdrantMemory.for_encoder(settings, service.encoder_id, service.encoder.dim)
+    close_stores()  # reopen from disk: nothing the refused process did (or half did) shows
+    reopened = encoder_memory(settings, service.encoder_id, service.encoder.dim)
     submitted = first["seen"] + again["seen"]
     counts = memory_counts(service.repo, reopened, submitted=submitted, failed=first["failed"] + again["failed"])
     embedded = first["ingested"] + first["duplicates"] + again["ingested"] + again["duplicates"]
-    reliability.scenario("Qdrant store held by another process", submitted=submitted, embedded=embedded,
+    reliability.scenario("embedded memory held by another process", submitted=submitted, embedded=embedded,
                          failed=counts["failed"], lost=submitted - embedded - counts["failed"],
-                         duplicated=counts["duplicated"], faults=["Qdrant local store opened by a 2nd process"])
+                         duplicated=counts["duplicated"], faults=["embedded memory opened by a 2nd process"])
     assert counts["same_ids"] and counts["points"] == counts["items"] == len(expected_ids) == 40, counts
     assert counts["duplicated"] == 0 and embedded == submitted == 60
 
@@ -205,7 +205,7 @@ def test_reembed_killed_halfway_resumes(
     service = IngestService(settings, encoder=tiny_encoder)
     ingest_source(flickr_manifest(SHARED_DATA, tmp_path / "f", n), settings, service=service, progress=False)
     repo, old = service.repo, service.encoder_id
-    close_qdrant_clients()  # the store is the re-embedding process's now
+    close_stores()  # the store is the re-embedding process's now
     env = {"RECO_DATA_DIR": str(settings.data_dir), "RECO_CLIP_MODEL": "reco-tiny",
            "RECO_CLIP_PRETRAINED": "", "HF_HUB_OFFLINE": "1",
            "RECO_REEMBED_BATCH_SIZE": "10", "RECO_DEVICE": "cpu"}
@@ -223,9 +223,9 @@ def test_reembed_killed_halfway_resumes(
     at_kill = _embedded_under(repo, new)
     assert 0 < at_kill < n, at_kill
     out = reembed_now(settings.model_copy(update={"reembed_batch_size": 10}), "reco-tiny", "", seed=1)
-    client = get_qdrant_client(settings)
+    store = open_store(settings)
     versions = {v.encoder_id: v for v in repo.versions()}
-    new_points = [str(p.id) for page in QdrantMemory(client, versions[new].collection).scroll() for p in page]
+    new_points = [p.item_id for page in store.collection(versions[new].collection).scroll() for p in page]
     with repo.session() as s:
         redone = s.scalar(select(func.count()).select_from(Embedding).where(
             Embedding.encoder_id == new, Embedding.attempts > 1)) or 0
@@ -235,8 +235,8 @@ def test_reembed_killed_halfway_resumes(
     assert out["swapped"] and (out["done"], out["failed"], out["remaining"]) == (n, 0, 0), out
     assert len(new_points) == len(set(new_points)) == _embedded_under(repo, new) == n
     assert redone <= 10, f"{redone} items embedded twice: the run restarted instead of resuming"
-    assert live_collection(client, settings.memory_alias) == versions[new].collection
-    assert QdrantMemory(client, versions[old].collection).count() == n  # the old version is kept
+    assert store.live_collection(settings.memory_alias) == versions[new].collection
+    assert store.collection(versions[old].collection).count() == n  # the old version is kept
 
 
 # --- a full data disk ----------------------------------------------------------------------------------
@@ -245,7 +245,6 @@ def _full_disk_phase(settings: Settings, service: IngestService, manifest: Path,
     half-written, and the memory stays consistent. Returns the ingest job's recorded error."""
     from app.services.method_common import load_matrices
     from app.services.predict import PredictRequest, predict_image
-    from app.services.snapshots import live_snapshot, snapshot_root
     from ingestion.uploads import UploadRejected, store_upload, upload_root
 
     with pytest.raises(Exception, match="disk is full|No space left"):
@@ -255,13 +254,6 @@ def _full_disk_phase(settings: Settings, service: IngestService, manifest: Path,
     embedded = set(service.repo.item_ids_with_status(service.encoder_id, EmbedStatus.EMBEDDED, 10_000))
     assert embedded == service.memory.existing_ids(sorted(embedded | set(service.repo.item_ids_with_status(
         service.encoder_id, EmbedStatus.PENDING, 10_000)))), "embedded in the DB = present in Qdrant, exactly"
-
-    before = live_snapshot(settings)
-    folders = sorted(p.name for p in snapshot_root(settings).rglob("*") if p.is_dir())
-    with pytest.raises(OSError):
-        publish_snapshot(settings, repo=service.repo, memory=service.memory, force=True)
-    assert live_snapshot(settings) == before, "readers keep the last complete snapshot"
-    assert sorted(p.name for p in snapshot_root(settings).rglob("*") if p.is_dir()) == folders
 
     image = next((manifest.parent / "images").iterdir()).read_bytes()
     answer = predict_image(settings, PredictRequest(image_bytes=image, classes=["a dog", "a cat"], mode="clip"),
@@ -285,18 +277,17 @@ def test_disk_full_on_the_data_dir(
     tmp_path: Path, postgres_url: str, tiny_encoder, monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
     reliability: ReliabilitySummary,
 ) -> None:
-    """The data dir (Qdrant local store, snapshots, caches, uploads) is full while an ingestion runs: its first
+    """The data dir (the embedded memory, caches, uploads) is full while an ingestion runs: its first
     batch (rows already in the memory) passes, the second cannot be written. The metadata DB is PostgreSQL, so
     the failure is recorded. Then space is freed and the same ingestion succeeds, nothing lost or doubled."""
     disk = tmp_path / "disk"
-    with small_disk(disk) as mounted:
+    with small_disk(disk, "320m") as mounted:  # the engine's files: two 32 MB WAL segments, vectors, indexes
         settings = Settings(data_dir=disk / "data", database_url=postgres_url, clip_model="reco-tiny",
-                            clip_pretrained="", decode_workers=0, ingest_batch_size=16)
+                            clip_pretrained="", decode_workers=0, ingest_batch_size=16, memory_min_free_mb=64)
         prepare_storage(settings)
         service = IngestService(settings, encoder=tiny_encoder)
         first = ingest_source(flickr_manifest(SHARED_DATA, tmp_path / "a", 20), settings, service=service,
                               progress=False)
-        assert publish_snapshot(settings, repo=service.repo, memory=service.memory) is not None
         manifest = flickr_manifest(SHARED_DATA, tmp_path / "b", 60)  # 20 rows already in, 40 new
         if mounted:
             filler = fill(disk)
@@ -312,9 +303,8 @@ def test_disk_full_on_the_data_dir(
             error = str(service.repo.latest_job().error)  # type: ignore[union-attr]
             monkeypatch.undo()
         again = ingest_source(manifest, settings, service=service, progress=False)
-        assert publish_snapshot(settings, repo=service.repo, memory=service.memory) is not None
-        close_qdrant_clients()
-        reopened = QdrantMemory.for_encoder(settings, service.encoder_id, service.encoder.dim)
+        close_stores()
+        reopened = encoder_memory(settings, service.encoder_id, service.encoder.dim)
         submitted = first["seen"] + again["seen"]
         counts = memory_counts(service.repo, reopened, submitted=submitted, failed=again["failed"])
         embedded = first["ingested"] + again["ingested"] + again["duplicates"]
@@ -326,7 +316,7 @@ def test_disk_full_on_the_data_dir(
         assert (again["status"], again["failed"], embedded) == ("completed", 0, 80), again
         assert counts["items"] == counts["points"] == 60 and counts["same_ids"] and counts["duplicated"] == 0
         assert counts["db_status"] == {"embedded": 60}
-        close_qdrant_clients()
+        close_stores()
 
 
 @pytest.mark.postgres
@@ -343,12 +333,12 @@ def test_refine_worker_restarted_while_the_ui_queries_it(
     settings = get_settings()
     service = IngestService(settings)
     ingest_source(flickr_manifest(SHARED_DATA, tmp_path / "f", 40), settings, service=service, progress=False)
-    assert publish_snapshot(settings, repo=service.repo, memory=service.memory) is not None
-    close_qdrant_clients()
+    close_stores()
+    stack.serve()  # owns the memory; the refine workers reach it through the server
     timeout_s = 10.0  # the UI's client; a request lost with the killed worker costs one timeout
     app = create_celery_app(settings)
-    backend = WorkerBackend(RefineClient(app, timeout_s=timeout_s), service.repo)
-    patient = WorkerBackend(RefineClient(app, timeout_s=45.0), service.repo)  # outlasts a restart + warm-up
+    backend = WorkerBackend(RefineClient(app, timeout_s=timeout_s))
+    patient = WorkerBackend(RefineClient(app, timeout_s=45.0))  # outlasts a restart + warm-up
     calls: list[tuple[float, float, str]] = []  # (started, seconds, "ok" or the error)
 
     asked_while_down: list[tuple[float, float, str]] = []

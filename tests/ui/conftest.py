@@ -15,7 +15,7 @@ import streamlit as st
 from PIL import Image
 
 from app.config import Settings
-from app.memory.qdrant import close_qdrant_clients
+from app.memory.store import close_stores
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "sample" / "clothing10"
@@ -60,7 +60,7 @@ def prepared_memory(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert summary["ingested"] == 10 * PER_CLASS, summary
     run_training(settings, TrainRequest(dataset="clothing10", split="train", epochs=2, batch_size=16, k=4,
                                         warmup_steps=1, progress=False))
-    close_qdrant_clients()  # local mode is single-process: the UI (maybe a subprocess) opens it next
+    close_stores()  # local mode is single-process: the UI (maybe a subprocess) opens it next
     return root / "data"
 
 
@@ -80,7 +80,7 @@ def ui_data(prepared_memory: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     st.cache_data.clear()
     yield data_dir
     st.cache_resource.clear()
-    close_qdrant_clients()
+    close_stores()
 
 
 @pytest.fixture
@@ -92,7 +92,7 @@ def empty_ui_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
     st.cache_data.clear()
     yield data_dir
     st.cache_resource.clear()
-    close_qdrant_clients()
+    close_stores()
 
 
 def sample_image(split: str = "val") -> Path:
@@ -106,3 +106,43 @@ def png_bytes(size: tuple[int, int] = (32, 32), color: tuple[int, int, int] = (2
     out = io.BytesIO()
     Image.new("RGB", size, color).save(out, format="PNG")
     return out.getvalue()
+
+
+def start_server(settings: Settings, log: Path, timeout_s: float = 120):  # type: ignore[no-untyped-def]
+    """``reco serve --port 0`` over ``settings``' data dir, returned once it announced itself there."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    from ui.cli import settings_env
+
+    announcement = Path(settings.data_dir) / "serve.json"
+    with log.open("wb") as out:
+        process = subprocess.Popen([sys.executable, "-c", "from app.cli import main; main()", "serve", "--port", "0"],
+                                   cwd=ROOT, env=settings_env(settings), stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if json.loads(announcement.read_text()).get("pid") == process.pid:
+                return process
+        except (OSError, ValueError):
+            pass
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+        time.sleep(0.2)
+
+
+def stop_process(process) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import signal
+    import subprocess
+
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        pass

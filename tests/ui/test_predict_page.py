@@ -76,9 +76,9 @@ def test_nothing_is_recomputed_on_a_rerun(ui_data: Path, monkeypatch: pytest.Mon
     from ui import backend
 
     calls = {"predict": 0, "encoder": 0}
-    predict, create = backend.InProcessBackend.predict, encoders.create_encoder
+    predict, create = backend.ServingBackend.predict, encoders.create_encoder
 
-    def counting_predict(self: backend.InProcessBackend, *args: Any, **kwargs: Any) -> Any:
+    def counting_predict(self: backend.ServingBackend, *args: Any, **kwargs: Any) -> Any:
         calls["predict"] += 1
         return predict(self, *args, **kwargs)
 
@@ -86,7 +86,7 @@ def test_nothing_is_recomputed_on_a_rerun(ui_data: Path, monkeypatch: pytest.Mon
         calls["encoder"] += 1
         return create(*args, **kwargs)
 
-    monkeypatch.setattr(backend.InProcessBackend, "predict", counting_predict)
+    monkeypatch.setattr(backend.ServingBackend, "predict", counting_predict)
     monkeypatch.setattr("ui.state.create_encoder", counting_create)
     image = sample_image()
     at = upload(app().run(), (image.name, image.read_bytes(), "image/jpeg"))

@@ -3,8 +3,6 @@ refine``) through Redis, and the Operations page shows its queues and the worker
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,9 +14,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from app.config import get_settings
-from app.memory.qdrant import close_qdrant_clients
-from app.services.snapshots import publish_snapshot
-from tests.ui.conftest import ROOT, UI_APP, sample_image
+from app.memory.store import close_stores
+from tests.ui.conftest import ROOT, UI_APP, sample_image, start_server, stop_process
 from ui.cli import settings_env
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
@@ -28,15 +25,14 @@ REDIS_DB = 14  # a database of its own on the shared Redis, flushed here only
 
 @pytest.fixture
 def refine_worker(ui_data: Path, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    import redis
 
     broker = redis_url.rsplit("/", 1)[0] + f"/{REDIS_DB}"
-    redis.Redis.from_url(broker).flushdb()
     monkeypatch.setenv("RECO_BROKER_URL", broker)
+    monkeypatch.setenv("RECO_BROKER_KEY_PREFIX", f"ui{uuid.uuid4().hex[:8]}:")  # queues of its own
     monkeypatch.setenv("RECO_UI_USE_WORKERS", "true")
     settings = get_settings()
-    assert publish_snapshot(settings, force=True) is not None  # what the refine worker serves from
-    close_qdrant_clients()
+    close_stores()
+    server = start_server(settings, tmp_path / "serve.log")  # owns the memory; the refine worker goes through it
     node = f"ui-refine-{uuid.uuid4().hex[:6]}@test"
     log = tmp_path / "refine-worker.log"
     with log.open("wb") as out:
@@ -51,12 +47,8 @@ def refine_worker(ui_data: Path, redis_url: str, tmp_path: Path, monkeypatch: py
             time.sleep(0.2)
         yield node
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_process(process)
+        stop_process(server)
 
 
 def test_pages_answer_through_the_refine_worker(refine_worker: str) -> None:

@@ -223,21 +223,28 @@ def test_cluster_profile_has_three_qdrant_nodes_and_n_embed_workers() -> None:
     assert all("--bootstrap" in services[n]["command"] for n in nodes[1:])
     worker = services["embed-worker-cluster"]
     assert worker["deploy"]["replicas"] == "${RECO_EMBED_WORKERS:-3}" and "embed" in " ".join(worker["command"])
-    assert worker["environment"]["RECO_QDRANT_QUANTIZATION"] == "${RECO_QDRANT_QUANTIZATION:-int8}"
+    assert worker["environment"]["RECO_MEMORY_QUANTIZATION"] == "${RECO_MEMORY_QUANTIZATION:-int8}"
 
 
-def test_collection_layout_comes_from_settings_and_local_mode_accepts_it() -> None:
+def test_collection_layout_comes_from_settings_and_every_engine_accepts_it(tmp_path: Path) -> None:
     from qdrant_client import QdrantClient
 
     from app.config import get_settings
-    from app.memory.qdrant import CollectionLayout, QdrantMemory
+    from app.memory.edge import EdgeStore
+    from app.memory.layout import MemoryLayout
+    from app.memory.qdrant import QdrantServerStore
 
-    layout = CollectionLayout.from_settings(get_settings(qdrant_shard_number=6, qdrant_replication_factor=2,
-                                                         qdrant_quantization="int8", qdrant_on_disk=True))
-    assert layout == CollectionLayout(shards=6, replication=2, int8=True, on_disk=True)
-    memory = QdrantMemory(QdrantClient(location=":memory:"), "layout")
-    memory.ensure(8, layout)
-    assert memory.count() == 0 and memory.client.get_collection("layout").config.params.vectors["image"].size == 8
+    layout = MemoryLayout.from_settings(get_settings(qdrant_shard_number=6, qdrant_replication_factor=2,
+                                                     memory_quantization="int8", memory_on_disk=True,
+                                                     memory_hnsw_m=24, memory_hnsw_ef=64))
+    assert layout == MemoryLayout(shards=6, replication=2, int8=True, on_disk=True, hnsw_m=24, hnsw_ef=64)
+    server = QdrantServerStore(QdrantClient(location=":memory:"), layout)
+    assert server.ensure_collection("layout", 8).count() == 0
+    assert server.client.get_collection("layout").config.params.vectors["image"].size == 8
+    edge = EdgeStore(tmp_path / "edge", layout)
+    assert edge.ensure_collection("layout", 8).count() == 0
+    assert edge.describe()["quantization"] == "int8" and edge.describe()["hnsw"]["m"] == 24
+    edge.close()
 
 
 def test_int8_storage_with_rescoring_finds_the_float32_neighbours(tmp_path: Path) -> None:

@@ -19,7 +19,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
-STACK = {"qdrant", "postgres", "redis", "migrate", "embed-worker", "embed-worker-gpu", "refine-worker", "beat", "ui"}
+STACK = {"qdrant", "postgres", "redis", "migrate", "api", "embed-worker", "embed-worker-gpu", "refine-worker", "beat",
+         "ui"}
 RECO_SERVICES = STACK - {"qdrant", "postgres", "redis"}
 SECRET_KEY = re.compile(r"PASSWORD|SECRET|API_KEY|TOKEN", re.IGNORECASE)
 LOCAL_PORT = re.compile(r"^(127\.0\.0\.1|\$\{RECO_BIND:-127\.0\.0\.1\}):\d+:\d+$")
@@ -129,3 +130,25 @@ def test_workers_cover_every_queue_and_the_gpu_worker_reserves_gpus(compose: dic
         # overridable from the host's environment (the cluster profile), the single node by default
         assert env["RECO_QDRANT_URL"] == "${RECO_QDRANT_URL:-http://qdrant:6333}"
         assert env["RECO_BROKER_URL"].startswith("redis://redis")
+
+
+def test_api_service_defaults_to_the_base_encoder_and_the_ui_is_its_client(compose: dict[str, Any]) -> None:
+    """reco serve runs as `api`; every RECO service defaults to the committed base encoder (never random
+    weights), the UI reaches the memory through the API, and the image carries the demo's sample."""
+    from app.config import BASE_MODEL, BASE_PRETRAINED
+
+    services = _services(compose)
+    api = services["api"]
+    assert api["command"][:1] == ["serve"] and "8765" in " ".join(api["command"])
+    assert any(LOCAL_PORT.match(p) and p.endswith(":8765:8765") for p in api["ports"])
+    assert "readyz" in " ".join(api["healthcheck"]["test"])
+    for name in RECO_SERVICES:
+        env = services[name]["environment"]
+        assert env["RECO_CLIP_MODEL"] == f"${{RECO_CLIP_MODEL:-{BASE_MODEL}}}", name
+        assert env["RECO_CLIP_PRETRAINED"] == f"${{RECO_CLIP_PRETRAINED:-{BASE_PRETRAINED}}}", name
+    ui = services["ui"]
+    assert ui["environment"]["RECO_UI_USE_WORKERS"] == "false" and ui["environment"]["RECO_API_URL"] == "http://api:8765"
+    assert ui["depends_on"]["api"]["condition"] == "service_healthy"
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "COPY sample ./sample" in dockerfile and "COPY api ./api" in dockerfile
+    assert "sample" not in (ROOT / ".dockerignore").read_text()

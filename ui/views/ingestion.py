@@ -14,6 +14,7 @@ from app.config import Settings
 from app.db.models import IngestJob
 from app.manifest import PathOutsideRoot, printable, resolve_confined
 from app.schemas import JobStatus
+from app.services.serving import ingest_roots
 from ingestion.uploads import UploadRejected, store_upload
 from ui import components, state
 
@@ -22,18 +23,27 @@ POLL_S = 0.3
 
 # --- starting a job -----------------------------------------------------------------------------------
 def ingest_work(settings: Settings, source: Path) -> Callable[[], dict[str, Any]]:
-    """In this process (the embedded default), or dispatched to the embed workers when configured."""
+    """Through the serving service (``reco serve``, or this process), or dispatched to the embed workers."""
     if settings.ui_use_workers:
         from ingestion.dispatch import dispatch_source
         from workers.client import CeleryTaskSender
 
         sender = CeleryTaskSender(state.celery_app(settings))
         return lambda: dispatch_source(source, settings, sender, progress=False)
-    from app.services.ingest import IngestService
-    from ingestion.pipeline import ingest_source
+    service = state.service(settings)  # resolved here: the worker thread has no Streamlit context
+    client = state.server_client(settings)
 
-    encoder = state.encoder(settings)  # resolved here: the worker thread has no Streamlit context
-    return lambda: ingest_source(source, settings, service=IngestService(settings, encoder=encoder), progress=False)
+    def work() -> dict[str, Any]:
+        job = client.ingest_path(source) if client is not None else service.start_ingest(
+            source, kind="manifest" if source.is_file() else "folder")
+        while job.status == JobStatus.RUNNING:
+            time.sleep(POLL_S)
+            job = service.get_job(job.id)
+        if job.status == JobStatus.FAILED:
+            raise RuntimeError(job.error or f"job {job.id} failed")
+        return job.model_dump() | {"job_id": job.id}
+
+    return work
 
 
 def start_ingest(settings: Settings, source: Path, label: str, total: int | None = None) -> None:
@@ -56,12 +66,8 @@ def start_upload(settings: Settings, name: str, data: bytes) -> None:
     start_ingest(settings, stored.source, name, stored.images or None)
 
 
-def server_roots(settings: Settings) -> list[Path]:
-    return [settings.shared_data, settings.data_dir, *settings.allowed_roots, *settings.watch_dirs]
-
-
 def start_server_path(settings: Settings, raw: str) -> None:
-    roots = server_roots(settings)
+    roots = ingest_roots(settings)
     try:
         path = resolve_confined(roots[0], raw.strip(), roots[1:])
     except PathOutsideRoot:

@@ -6,17 +6,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import streamlit as st
 
 from app.config import Settings
 from app.db.models import Item
-from app.encoder import collection_name_for
-from app.memory.qdrant import MemoryStoreError, live_collection
-from app.schemas import Modality
-from app.services.method_common import MethodError
+from app.memory.base import MemoryStoreError
 from ui import components, state
-from ui.backend import Neighbour, add_sources
+from ui.backend import Neighbour
 
 ANY = "(any)"
 PAGE_SIZES = [20, 50, 100]
@@ -104,42 +100,26 @@ def show_versions(item: Item, settings: Settings) -> None:
         st.info("No embedding status recorded for this item.")
 
 
-def item_neighbours(item: Item, settings: Settings) -> tuple[list[Neighbour], bool]:
-    """Its neighbours in the live memory, with the fusion's attention when a checkpoint serves the live encoder."""
-    memory = state.live_memory(settings)
-    points = memory.retrieve([item.id], with_vectors=True)
-    if not points:
-        return [], False
-    vector = np.asarray(points[0].vector["image"], np.float32)
-    encoder_id = state.encoder(settings).encoder_id
-    if live_collection(memory.client, settings.memory_alias) == collection_name_for(encoder_id):
-        try:
-            refined = state.refiner(settings, encoder_id).refine_image(vector, exclude_ids=(item.id,))
-            found = [Neighbour(n.item_id, n.caption or "", n.score, n.attention) for n in refined.neighbours]
-            return found, True
-        except MethodError:
-            pass
-    hits = memory.search(vector, Modality.IMAGE, NEIGHBOURS + 1, exclude_ids=[item.id], distinct_images=True)
-    found = [Neighbour(h.item_id, h.payload.caption if h.payload else "", h.score,
-                       source=h.payload.source if h.payload else None)
-             for h in hits if not (h.payload and h.payload.image_hash == item.image_hash)]
-    return found[:NEIGHBOURS], False
+def item_neighbours(item: Item, settings: Settings) -> list[Neighbour]:
+    """Its neighbours in the live memory (image->image, other images), from the serving service."""
+    return list(state.service(settings).neighbours_of_item(item.id))
 
 
 def show_neighbours(item: Item, settings: Settings) -> None:
     st.subheader("Its neighbours in the memory")
     try:
         with st.spinner("Searching the memory …"):
-            found, fused = item_neighbours(item, settings)
+            found = item_neighbours(item, settings)
     except MemoryStoreError as exc:
         st.error(str(exc))
         return
     if not found:
         st.info("This item is not in the live collection (not embedded under the live version).")
         return
+    fused = any(n.attention is not None for n in found)
     st.caption("Image→image search; attention = the fusion's weight on each neighbour when refining this item's "
                "image." if fused else "Image→image search (no fusion checkpoint for the live encoder: no attention).")
-    components.neighbour_grid(add_sources(found, state.repo(settings)), settings, key="memory-nb")
+    components.neighbour_grid(found, settings, key="memory-nb")
 
 
 def render_item(settings: Settings, item_id: str) -> None:

@@ -8,9 +8,8 @@ from typing import Any
 import streamlit as st
 
 from app.config import Settings
-from app.memory.qdrant import MemoryStoreError
+from app.memory.base import MemoryStoreError
 from app.services.reembed import fusion_status, versions_report
-from app.services.status import memory_status
 from ui import ops, state
 
 
@@ -19,7 +18,9 @@ def show_encoder(settings: Settings) -> None:
     repo = state.repo(settings)
     try:
         with st.spinner("Loading the encoder …"):
-            configured = state.encoder(settings).encoder_id
+            client = state.server_client(settings)  # a server has it loaded: no second copy of the weights here
+            configured = (client.status()["serving"]["encoder_id"] if client is not None
+                          else state.encoder(settings).encoder_id)
     except Exception as exc:  # noqa: BLE001 - unknown tag, missing checkpoint file: say it, keep the page
         st.error(f"The configured encoder cannot be loaded: {type(exc).__name__}: {exc}")
         configured = f"{settings.clip_model} (not loadable)"
@@ -46,13 +47,14 @@ def show_memory(settings: Settings) -> None:
     st.subheader("Collections and alias")
     try:
         with st.spinner("Reading the memory …"):
-            status = memory_status(settings, state.repo(settings))
+            status = state.service(settings).status()
     except MemoryStoreError as exc:
         st.error(str(exc))
         return
     alias = status["alias"]
+    memory = status["memory"]
     st.markdown(f"Alias `{alias['name']}` → `{alias['collection'] or '(unset)'}` · {status['items']} items in the "
-                f"metadata DB ({status['database']}) · Qdrant: `{status['qdrant']}`")
+                f"metadata DB ({status['database']}) · memory: {memory['backend']} `{memory['location']}`")
     st.dataframe([{"collection": name, "points": count, "live": name == alias["collection"]}
                   for name, count in status["collections"].items()], hide_index=True, key="ops_collections")
     counts = [{"encoder": enc, **by_status} for enc, by_status in status["status"].items()]

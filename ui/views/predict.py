@@ -13,7 +13,7 @@ import streamlit as st
 from app.config import Settings
 from app.imaging import ImageLimits, ImageRejected, open_image_safely
 from app.manifest import ManifestError, load_classes
-from app.memory.qdrant import MemoryStoreError
+from app.memory.base import MemoryStoreError
 from app.schemas import RefineMode
 from app.services.method_common import MethodError
 from ui import components, state

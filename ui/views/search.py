@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from app.config import Settings
 from app.imaging import ImageRejected
-from app.memory.qdrant import MemoryStoreError
+from app.memory.base import MemoryStoreError
 from app.services.method_common import MethodError
 from ui import components, state
 from ui.backend import SearchQuery, SearchView
@@ -35,12 +35,16 @@ def choose_filters(settings: Settings) -> dict[str, Any]:
     return filters
 
 
-def build_query(kind: str, text: str, upload: Any, filters: dict[str, Any], settings: Settings) -> SearchQuery | None:
+TARGETS = {"Images": "image", "Captions": "text"}
+
+
+def build_query(kind: str, text: str, upload: Any, filters: dict[str, Any], settings: Settings,
+                target: str | None = None) -> SearchQuery | None:
     if kind == "Text":
         if not text.strip():
             st.error("Type a text query.")
             return None
-        return SearchQuery(text=text.strip(), filters=filters)
+        return SearchQuery(text=text.strip(), filters=filters, target=target)
     if upload is None:
         st.error("Upload an image to search with.")
         return None
@@ -49,7 +53,7 @@ def build_query(kind: str, text: str, upload: Any, filters: dict[str, Any], sett
     if problem:
         st.error(problem)
         return None
-    return SearchQuery(image_bytes=data, filters=filters)
+    return SearchQuery(image_bytes=data, filters=filters, target=target)
 
 
 def run_search(settings: Settings, query: SearchQuery, reco: bool, k: int, label: str) -> None:
@@ -97,13 +101,15 @@ def render() -> None:
             text = st.text_input("Text query", placeholder="a photo of a red dress", key="search_text")
         else:
             upload = st.file_uploader(f"Image query ({components.ACCEPTED_IMAGES})", key="search_image")
-        left, right = st.columns(2)
+        left, middle, right = st.columns(3)
         mode = left.radio("Mode", ["clip", "RECO"], horizontal=True, key="search_mode")
+        ranked = middle.radio("Rank", list(TARGETS), horizontal=True, key="search_target",
+                              help="Images: the memory's image vectors; Captions: its caption vectors")
         k = right.slider("Results k", 1, 50, 10, key="search_k")
         filters = choose_filters(settings)
         submitted = st.form_submit_button("Search", type="primary")
     if submitted:
-        query = build_query(kind, text, upload, filters, settings)
+        query = build_query(kind, text, upload, filters, settings, TARGETS[ranked])
         if query is not None:
             label = f"“{query.text}”" if query.text else f"image {upload.name if upload else ''}"
             run_search(settings, query, mode == "RECO", k, label)

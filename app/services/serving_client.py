@@ -1,0 +1,101 @@
+"""The serving service of a running ``reco serve``, over HTTP: the same methods and answers as
+:class:`app.services.serving.ServingService`, so the UI and the CLI do not care where it runs."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+from app.config import Settings
+from app.remote import HttpClient, ServerError, ServerInfo
+from app.services.serving import (
+    DeleteOut,
+    ItemDetail,
+    ItemsPage,
+    JobOut,
+    NeighbourOut,
+    PredictionOut,
+    PredictQuery,
+    SearchAnswer,
+    SearchQuery,
+)
+
+
+class ServingClient:
+    def __init__(self, http: HttpClient) -> None:
+        self.http = http
+
+    @classmethod
+    def connect(cls, settings: Settings, server: ServerInfo, client: str = "cli") -> ServingClient:
+        return cls(HttpClient.for_settings(settings, server, client))
+
+    @property
+    def url(self) -> str:
+        return self.http.server.url
+
+    def predict(self, images: list[tuple[str, bytes]], query: PredictQuery) -> list[PredictionOut]:
+        form: dict[str, Any] = {"mode": str(query.mode), "top": str(query.top)}
+        if query.k is not None:
+            form["k"] = str(query.k)
+        if query.templates:
+            form["templates"] = query.templates
+        if query.class_set is not None:
+            form["class_set"] = query.class_set
+        else:
+            form["labels"] = list(query.labels or [])
+        files = [("images", (name, data, "application/octet-stream")) for name, data in images]
+        out = self.http.json("POST", "/v1/predict", data=form, files=files)
+        return [PredictionOut.model_validate(p | {"via": f"reco serve ({self.url})"}) for p in out["predictions"]]
+
+    def search(self, query: SearchQuery) -> SearchAnswer:
+        body = query.model_dump(mode="json", exclude={"image_bytes"}, exclude_none=True)
+        if query.image_bytes is not None:
+            body["image_b64"] = base64.b64encode(query.image_bytes).decode("ascii")
+        out = self.http.json("POST", "/v1/search", json=body)
+        return SearchAnswer.model_validate(out | {"via": f"reco serve ({self.url})"})
+
+    def list_items(self, *, filters: dict[str, Any] | None = None, offset: int = 0, limit: int = 50,
+                   caption_contains: str | None = None) -> ItemsPage:
+        params: dict[str, Any] = dict(filters or {}) | {"offset": offset, "limit": limit}
+        if caption_contains:
+            params["q"] = caption_contains
+        return ItemsPage.model_validate(self.http.json("GET", "/v1/items", params=params))
+
+    def get_item(self, item_id: str) -> ItemDetail:
+        try:
+            return ItemDetail.model_validate(self.http.json("GET", f"/v1/items/{item_id}"))
+        except ServerError as exc:
+            if exc.status == 404:
+                raise LookupError(exc.message) from exc
+            raise
+
+    def item_image(self, item_id: str) -> tuple[bytes, str]:
+        response = self.http.request("GET", f"/v1/items/{item_id}/image")
+        return response.content, response.headers.get("content-type", "application/octet-stream")
+
+    def neighbours_of_item(self, item_id: str, k: int | None = None) -> list[NeighbourOut]:
+        out = self.http.json("GET", f"/v1/items/{item_id}/neighbours", params={"k": k} if k else {})
+        return [NeighbourOut.model_validate(n) for n in out["neighbours"]]
+
+    def delete_item(self, item_id: str, reason: str) -> DeleteOut:
+        return DeleteOut.model_validate(self.http.json("DELETE", f"/v1/items/{item_id}", params={"reason": reason}))
+
+    def ingest_upload(self, name: str, data: bytes) -> JobOut:
+        out = self.http.json("POST", "/v1/ingest", files=[("file", (name, data, "application/octet-stream"))])
+        return JobOut.model_validate(out)
+
+    def ingest_path(self, path: Path) -> JobOut:
+        return JobOut.model_validate(self.http.json("POST", "/v1/ingest", json={"path": str(path)}))
+
+    def get_job(self, job_id: int) -> JobOut:
+        return JobOut.model_validate(self.http.json("GET", f"/v1/jobs/{job_id}"))
+
+    def recent_jobs(self, limit: int = 20) -> list[JobOut]:
+        return [JobOut.model_validate(j) for j in self.http.json("GET", "/v1/jobs", params={"limit": limit})["jobs"]]
+
+    def status(self) -> dict[str, Any]:
+        return dict(self.http.json("GET", "/v1/status"))
+
+    def close(self) -> None:
+        self.http.close()
