@@ -10,12 +10,12 @@ measured on this project's 2-core AVX2 machines (docs/performance.md, "Faster CP
 - CPU, transformer image tower (``vit``): fp32. Dynamic int8 of every Linear (:func:`quantize_visual_int8`,
   ``RECO_PRECISION=int8``) saves CPU time but keeps the quality goals only on random weights; on trained
   transformer weights (the base encoder's pretrained MiniLM tower, the one trained transformer here) it
-  moved embeddings far past them, so it is opt-in. ``torch.compile`` of a ViT is not in the committed run (compiling costs minutes
-  here; its time goes to GEMMs that are library calls already).
-- bf16 is never chosen on CPU by ``auto``: without AVX-512 BF16 / AMX it is emulated (25 × slower here).
-- ``RECO_COMPILE`` (off by default) compiles the image tower: ~2 × for reco-base once compiled, but the
-  compilation costs minutes on 2 cores (the on-disk Inductor cache shortens later starts), so it pays on
-  long ingestions and re-embeddings, not on short commands.
+  moved embeddings far past them, so it is opt-in. ``torch.compile`` of a ViT is not in the committed run
+  (compiling costs minutes here; its time goes to GEMMs that are library calls already).
+- bf16 is never chosen on CPU by ``auto``: without AVX-512 BF16 / AMX it is emulated (7–27 × slower here).
+- ``RECO_COMPILE`` (off by default) compiles the image tower: 1.6 × less CPU per image for reco-base once
+  compiled, but the compilation costs minutes on 2 cores (the on-disk Inductor cache shortens later
+  starts), so it pays on long ingestions and re-embeddings, not on short commands.
 
 :func:`apply_runtime` changes a loaded model in place; :func:`autocast_for` gives the autocast context.
 """
