@@ -92,8 +92,16 @@ class Settings(BaseSettings):
     )
     random_init_seed: int = 0
     device: Device = "auto"
-    precision: Precision = "fp32"
     encode_batch_size: int = Field(default=64, ge=1)
+    # How the image tower runs (app/encoder/runtime.py; measured by `reco bench precision`, docs/performance.md).
+    # "auto" = per device and image-tower family: CUDA fp16; CPU ViT int8 (dynamic, Linear layers of the image
+    # tower); CPU ResNet (reco-base) fp32 + channels-last. bf16 on CPU is emulated without AVX-512 BF16 / AMX.
+    precision: Literal["auto", "fp32", "fp16", "bf16", "int8"] = Field(
+        default="auto", description="auto, fp32, fp16 (CUDA), bf16 (autocast) or int8 (CPU, image tower).")
+    channels_last: Literal["auto", "on", "off"] = Field(
+        default="auto", description="Image tower in channels-last memory format; auto = on for conv towers.")
+    compile: bool = Field(default=False, description="torch.compile the image tower (compiles on first batch).")
+    torch_threads: int = Field(default=0, ge=0, description="torch intra-op threads; 0 = torch's default.")
 
     # --- ingestion limits ----------------------------------------------------------------------
     max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1, description="Refused before decoding.")

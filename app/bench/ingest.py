@@ -83,11 +83,13 @@ def stage_images(files: Sequence[Path], root: Path, parts: int) -> list[Path]:
     return folders
 
 
-def build_encoder(model: str, pretrained: str = "", device: str = "auto", batch: int = 64) -> OpenClipEncoder:
-    """CUDA + fp16 when a GPU is visible, else CPU fp32; loaded and warmed (untimed)."""
+def build_encoder(model: str, pretrained: str = "", device: str = "auto", batch: int = 64,
+                  precision: str = "auto") -> OpenClipEncoder:
+    """CUDA when a GPU is visible, else CPU, with the project's defaults (app/encoder/runtime.py: fp16 on
+    CUDA); loaded and warmed (untimed)."""
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    encoder = OpenClipEncoder(model, pretrained, device="cuda" if use_cuda else "cpu",
-                              precision="fp16" if use_cuda else "fp32", batch_size=batch)
+    encoder = OpenClipEncoder(model, pretrained, device="cuda" if use_cuda else "cpu", precision=precision,
+                              batch_size=batch)
     size = encoder.image_size
     encoder.encode_images(torch.zeros(min(batch, 8), 3, size, size))
     return encoder
@@ -196,4 +198,4 @@ def _ingest_result(
     return IngestBenchResult(
         n=total, encoder_only_img_s=round(enc_rate, 3), pipeline_img_s=round(pipe_rate, 3),
         ratio=round(pipe_rate / enc_rate, 4), model=f"{encoder.model_name}/{encoder.pretrained or 'random'}",
-        device=f"{encoder.device.type}/{encoder.precision}", details=details)
+        device=f"{encoder.device.type}/{encoder.runtime.label}", details=details)

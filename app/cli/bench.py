@@ -28,12 +28,16 @@ def _show(result: Any, as_json: bool) -> None:
 def ingest(
     images: ImagesOpt = DEFAULT_IMAGES,
     n: Annotated[int, typer.Option("--n", min=1, help="Images.")] = 1000,
-    rounds: Annotated[int | None, typer.Option(min=1, help="Interleaved rounds (default 4; --peer: 2).")] = None,
+    rounds: Annotated[int | None, typer.Option(min=1, help="Interleaved rounds (default 4; --peer: 3).")] = None,
     batch: Annotated[int, typer.Option(min=1)] = 64,
     model: Annotated[str, typer.Option(help="open_clip model (random weights unless --pretrained).")] = "ViT-B-32",
     pretrained: Annotated[str, typer.Option(help="Pretrained tag or checkpoint file.")] = "",
-    peer: Annotated[bool, typer.Option("--peer", help="Instead: `reco ingest` vs clip-retrieval, whole commands "
-                                                      "(~10 min; writes docs/performance/peer.json).")] = False,
+    peer: Annotated[bool, typer.Option("--peer", help="Instead: `reco ingest` vs clip-retrieval, whole commands, "
+                                                      "and our fp32 encoder-only, interleaved (~4 min a round; "
+                                                      "writes docs/performance/peer.json).")] = False,
+    encoder_n: Annotated[int, typer.Option(help="--peer: images of the fp32 encoder-only leg (0: none).")] = 256,
+    reco_precision: Annotated[str | None, typer.Option(help="--peer: RECO_PRECISION for `reco ingest` "
+                                                            "(default: the project's auto).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Full ingest pipeline vs encoder-only on pre-decoded tensors (same run, same images)."""
@@ -43,7 +47,8 @@ def ingest(
         if peer:
             from app.bench.peer import run_peer_bench
 
-            result: Any = run_peer_bench(images, n, rounds=rounds or 2, batch=batch)
+            result: Any = run_peer_bench(images, n, rounds=rounds or 3, batch=batch, encoder_n=encoder_n,
+                                         reco_precision=reco_precision, log=lambda m: typer.echo(m, err=True))
             _save_peer(result)
         else:
             from app.bench.ingest import run_ingest_bench
@@ -61,6 +66,63 @@ def _save_peer(result: Any) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "peer.json").write_text(json.dumps(result.model_dump() | {"details": result.details}, indent=1,
                                                  default=str) + "\n")
+    if (folder / "results.json").is_file():
+        from app.bench.report import write_report
+
+        write_report(folder.parent)
+
+
+@bench_app.command("precision")
+def precision(
+    models: Annotated[str, typer.Option(help="Comma-separated model[/pretrained] (reco-base: the committed base).")]
+    = "reco-base/flickr8k_s229k_b128_r128,ViT-B-32",
+    quality_n: Annotated[int | None, typer.Option(help="Flickr8k test images for quality (default: all).")] = None,
+    speed_n: Annotated[int, typer.Option(min=8, help="Images timed per variant and round.")] = 256,
+    rounds: Annotated[int, typer.Option(min=1, help="Interleaved speed rounds.")] = 2,
+    max_seconds: Annotated[float, typer.Option(help="A variant stops after this many seconds a round.")] = 60.0,
+    compile_models: Annotated[str | None, typer.Option(help="Comma-separated models whose torch.compile variants "
+                                                           "run (default: all; minutes of compiling each).")] = None,
+    docs: Annotated[Path, typer.Option(help="Where performance.md and performance/precision.json go.")]
+    = Path("docs"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Speed and quality vs fp32 of bf16, channels-last, torch.compile, int8, batch sizes, threads (~25 min)."""
+    import json
+
+    from app.bench.precision import run_precision_bench
+    from app.bench.report import ASSETS, write_report
+    from app.config import get_settings
+
+    pairs = [(m.split("/", 1)[0], m.split("/", 1)[1] if "/" in m else "") for m in models.split(",") if m.strip()]
+    (docs / ASSETS).mkdir(parents=True, exist_ok=True)
+    out = docs / ASSETS / "precision.json"
+    result = run_precision_bench(
+        get_settings().shared_data, models=pairs, quality_n=quality_n, speed_n=speed_n, rounds=rounds,
+        max_seconds=max_seconds, log=lambda m: typer.echo(m, err=True), checkpoint=out,
+        compile_models=compile_models.split(",") if compile_models is not None else None)
+    out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    if (docs / ASSETS / "results.json").is_file():
+        write_report(docs)
+    summary = [{k: m[k] for k in ("model", "coded_default", "recommended", "default_matches_measurement")}
+               for m in result["models"]]
+    if as_json:
+        print_json({"models": summary, "cpu_flags": result["cpu_flags"]})
+        return
+    for row in summary:
+        typer.echo(f"{row['model']}: default {row['coded_default']}, best measured {row['recommended']}")
+
+
+@bench_app.command("gpu")
+def gpu(
+    images: ImagesOpt = DEFAULT_IMAGES,
+    n: Annotated[int, typer.Option("--n", min=1)] = 1000,
+    batch: Annotated[int, typer.Option(min=1)] = 256,
+    model: Annotated[str, typer.Option(help="open_clip model (random weights: speed only).")] = "ViT-B-32",
+) -> None:
+    """ViT-B-32 fp16 on CUDA: end to end (PIL decode threads; and nvJPEG decode where available) and encoder-only."""
+    from app.bench.gpu import run_gpu_bench
+
+    print_json(run_gpu_bench(images, n, batch=batch, model=model))
 
 
 @bench_app.command("search")

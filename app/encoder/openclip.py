@@ -26,6 +26,14 @@ from PIL import Image
 
 from app.encoder.base import l2_normalise
 from app.encoder.registry import ensure_model_configs_registered
+from app.encoder.runtime import (
+    Runtime,
+    apply_runtime,
+    autocast_for,
+    image_batch_layout,
+    resolve_runtime,
+    visual_family,
+)
 from app.encoder.weights import (
     OmittedWeightsError,
     file_sha256,
@@ -106,9 +114,12 @@ class OpenClipEncoder:
         pretrained: str = "",
         *,
         device: str = "auto",
-        precision: str = "fp32",
+        precision: str = "auto",
         batch_size: int = 64,
         seed: int = 0,
+        channels_last: str = "auto",
+        compile_model: bool = False,
+        threads: int = 0,
     ) -> None:
         ensure_model_configs_registered()
         import open_clip
@@ -121,7 +132,11 @@ class OpenClipEncoder:
         self.model_name = model_name
         self.pretrained = pretrained.strip()
         self.device = _resolve_device(device)
-        self.precision = precision
+        self.precision = precision  # as asked; :attr:`runtime` is what runs (auto resolved per family)
+        self.channels_last = channels_last
+        self.compile_model = compile_model
+        self.threads = threads
+        self._runtime: Runtime | None = None
         self.batch_size = batch_size
         self.seed = seed
         self._lock = threading.Lock()
@@ -142,6 +157,9 @@ class OpenClipEncoder:
             precision=settings.precision,
             batch_size=settings.encode_batch_size,
             seed=settings.random_init_seed,
+            channels_last=settings.channels_last,
+            compile_model=settings.compile,
+            threads=settings.torch_threads,
         )
 
     # --- identity ---------------------------------------------------------------------------
@@ -219,7 +237,16 @@ class OpenClipEncoder:
             else:
                 log.warning(RANDOM_WEIGHTS_WARNING.format(model=self.model_name))
         model.eval().requires_grad_(False)
-        self._model = model.to(self.device)
+        model = model.to(self.device)
+        try:
+            runtime = resolve_runtime(self.device, visual_family(model.visual), precision=self.precision,
+                                      channels_last=self.channels_last, compile_model=self.compile_model,
+                                      threads=self.threads)
+        except ValueError as exc:
+            raise EncoderLoadError(str(exc)) from exc
+        apply_runtime(model, runtime)
+        self._runtime = runtime
+        self._model = model
         self._preprocess = preprocess
         self._tokenizer = open_clip.get_tokenizer(self.model_name)
 
@@ -257,13 +284,22 @@ class OpenClipEncoder:
                 f"missing {real_missing[:5]}, unexpected {unexpected[:5]}"
             )
 
+    @property
+    def runtime(self) -> Runtime:
+        """Precision, memory format, compilation and threads actually in use (loads the model)."""
+        self._ensure_loaded()
+        assert self._runtime is not None
+        return self._runtime
+
+    @property
+    def image_tower(self) -> torch.nn.Module:
+        """The loaded image tower, as :attr:`runtime` changed it."""
+        self._ensure_loaded()
+        return self._model.visual
+
     @contextlib.contextmanager
     def _autocast(self) -> Iterator[None]:
-        if self.precision == "fp32":
-            yield
-            return
-        dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
-        with torch.autocast(device_type=self.device.type, dtype=dtype):
+        with autocast_for(self.device, self.runtime):
             yield
 
     # --- encoding ---------------------------------------------------------------------------
@@ -285,14 +321,21 @@ class OpenClipEncoder:
         out = stages[0](image)
         return np.asarray(out if out.mode == "RGB" else out.convert("RGB"))
 
-    def pixels_from_uint8(self, batch: np.ndarray) -> torch.Tensor:
-        """Second stage for a (B, H, W, 3) uint8 batch: ToTensor + Normalize, on the encoder's device."""
+    def pixels_from_uint8(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Second stage: ToTensor + Normalize on the encoder's device, for a (B, H, W, 3) uint8 array or a
+        (B, 3, H, W) uint8 tensor already on any device (images decoded on the GPU: :mod:`app.encoder.jpeg`).
+
+        On CUDA the batch crosses PCIe as uint8 (a quarter of float32's bytes) and is normalised there.
+        """
         stages = self._split_stages()
         if stages is None:
             raise EncoderLoadError(f"{self.model_name}: preprocessing cannot be split")
         mean, std = stages[1].to(self.device), stages[2].to(self.device)
-        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
-        x = x.permute(0, 3, 1, 2).contiguous().float().div_(255)  # ToTensor's order of operations
+        if isinstance(batch, torch.Tensor):
+            x = batch.to(self.device, non_blocking=True).contiguous().float().div_(255)
+        else:
+            x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
+            x = x.permute(0, 3, 1, 2).contiguous().float().div_(255)  # ToTensor's order of operations
         return x.sub_(mean[:, None, None]).div_(std[:, None, None])
 
     def _split_stages(self) -> tuple[Any, torch.Tensor, torch.Tensor] | None:
@@ -329,8 +372,15 @@ class OpenClipEncoder:
         with torch.inference_mode(), self._autocast():
             for start in range(0, len(batch), self.batch_size):
                 chunk = batch[start : start + self.batch_size].to(self.device, non_blocking=True)
-                outs.append(l2_normalise(self._model.encode_image(chunk)))
+                outs.append(l2_normalise(self._encode_image_chunk(chunk)))
         return np.concatenate(outs) if outs else np.zeros((0, self.dim), np.float32)
+
+    def _encode_image_chunk(self, chunk: torch.Tensor) -> torch.Tensor:
+        """A compiled tower sees one batch shape only: a short batch is padded (a new shape would recompile)."""
+        rows = len(chunk)
+        if self.runtime.compile and rows < self.batch_size:
+            chunk = torch.cat([chunk, chunk.new_zeros((self.batch_size - rows, *chunk.shape[1:]))])
+        return self._model.encode_image(image_batch_layout(chunk, self.runtime))[:rows]
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         self._ensure_loaded()
@@ -351,5 +401,6 @@ class OpenClipEncoder:
             "random_weights": self.is_random,
             "device": str(self.device),
             "precision": self.precision,
+            "runtime": self.runtime.label if self._runtime is not None else None,
             "dim": self.dim,
         }

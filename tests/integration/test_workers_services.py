@@ -357,7 +357,7 @@ def test_workers_use_fp16_on_cuda_unless_told_otherwise(monkeypatch: pytest.Monk
     from workers.runtime import worker_settings
 
     assert worker_settings(get_settings(device="cuda")).precision == "fp16"
-    assert worker_settings(get_settings(device="cpu")).precision == "fp32"
+    assert worker_settings(get_settings(device="cpu")).precision == "auto"  # per image-tower family
     monkeypatch.setenv("RECO_PRECISION", "bf16")
     assert worker_settings(get_settings(device="cuda")).precision == "bf16"
 
