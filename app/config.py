@@ -14,7 +14,6 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Device = Literal["auto", "cpu", "cuda"]
-Precision = Literal["fp32", "fp16", "bf16"]
 
 
 def _default_data_dir() -> Path:
