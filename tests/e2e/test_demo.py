@@ -42,6 +42,14 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
 def _env(data_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECO_")}
     return env | {"RECO_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1", "RECO_ALLOWED_ROOTS": "[]"}
@@ -64,6 +72,11 @@ def demo(tmp_path: Path) -> Iterator[tuple[dict, str, dict[str, str], Path, Call
             assert time.monotonic() < deadline, "the demo printed nothing in 15 min"
             time.sleep(1)
         result = json.loads(out.read_text().strip().splitlines()[-1])
+        # the JSON is printed before the UI starts: wait until the UI listens (a user's browser would retry)
+        while not _listening(port):
+            assert process.poll() is None, log.read_text()[-4000:]
+            assert time.monotonic() < deadline, f"the UI did not listen on port {port}"
+            time.sleep(1)
 
         def stop() -> None:
             if process.poll() is None:

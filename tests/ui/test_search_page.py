@@ -62,7 +62,7 @@ def test_image_search_and_bad_image(ui_data: Path) -> None:
     at.file_uploader(key="search_image").set_value((image.name, image.read_bytes(), "image/jpeg"))
     at.button[0].click().run()
     assert not at.error, [e.value for e in at.error]
-    assert "image→text" in markdown(at)
+    assert "image→image" in markdown(at)  # an image query ranks similar images by default
     at.file_uploader(key="search_image").set_value(("broken.png", png_bytes()[:40], "image/png"))
     at.button[0].click().run()
     assert at.error and "broken.png" in at.error[0].value and "rejected" in at.error[0].value
