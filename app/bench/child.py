@@ -5,6 +5,9 @@ previous size) and gives each measurement the same start. Tasks:
 
 - ``exact``: load a saved :class:`ExactIndex` (memory-mapped or read), time the load, single queries and
   batches on the image matrix, one batch on the text matrix (both matrices searchable), report RSS.
+- ``edge``: fill a Qdrant Edge collection (the embedded engine) with both vectors, build its HNSW, then
+  single queries per ``hnsw_ef`` (the recall/latency curve), batches, queries filtered to the ``probe``
+  dataset, exact-mode queries, and the time to reopen the store and answer a first query.
 - ``qdrant``: fill a Qdrant collection (local mode in memory, or the server at ``url``) from a saved
   memory through :class:`QdrantMemory`, then the same queries through its ``search``/``search_batch``.
 """
@@ -115,7 +118,79 @@ def qdrant_task(args: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-TASKS = {"exact": exact_task, "qdrant": qdrant_task}
+def _payloads(folder: Path) -> list[dict[str, Any]]:
+    with (folder / "payloads.jsonl").open() as handle:
+        return [json.loads(line) for line in handle]
+
+
+def _row_of(item_id: str) -> int:
+    return int(item_id.replace("-", "")[-12:], 16)
+
+
+def edge_task(args: dict[str, Any]) -> dict[str, Any]:
+    import shutil
+    import tempfile
+
+    from app.memory.base import ItemPayload, MemoryRecord
+    from app.memory.edge import EdgeStore
+    from app.memory.layout import MemoryLayout
+
+    queries, k, batch = _queries(args), int(args["k"]), int(args["batch"])
+    folder = Path(args["folder"])
+    layout = MemoryLayout(**args.get("layout", {}), indexing_threshold=10**9, min_free_mb=0)
+    root = Path(tempfile.mkdtemp(prefix="reco-bench-edge-", dir=args.get("workdir")))
+    baseline = rss_mb()
+    try:
+        store = EdgeStore(root, layout)
+        image = np.load(folder / "image.npy", mmap_mode="r")
+        text = np.load(folder / "text.npy", mmap_mode="r")
+        memory = store.ensure_collection("bench", int(image.shape[1]))
+        payloads = _payloads(folder)
+        start = time.perf_counter()
+        for lo in range(0, len(image), 2048):
+            hi = min(lo + 2048, len(image))
+            memory.upsert([MemoryRecord(ItemPayload(**{f: payloads[r][f] for f in (
+                "item_id", "image_hash", "caption", "dataset", "split", "source")}),
+                np.asarray(image[r], np.float32), np.asarray(text[r], np.float32)) for r in range(lo, hi)])
+        fill_s = time.perf_counter() - start
+        start = time.perf_counter()
+        store.index_pending(force=True)
+        build_s = time.perf_counter() - start
+        singles = queries[: int(args["single"])]
+
+        def timed(mem: Any, qs: np.ndarray, **kw: Any) -> tuple[list[float], list[list[int]]]:
+            tops: list[list[int]] = []
+            times = [time_one(lambda q: tops.append([_row_of(h.item_id) for h in mem.search(q, Modality.IMAGE, k,
+                                                                                             **kw)]), q)
+                     for q in qs]
+            return times, tops
+
+        memory.search(singles[0], Modality.IMAGE, k)  # warm the caches once
+        curve = {}
+        for ef in args["efs"]:
+            times, tops = timed(memory.tuned(hnsw_ef=int(ef)), singles)
+            curve[str(ef)] = {"single_s": times, "top": tops}
+        batches = [queries[i * batch: (i + 1) * batch] for i in range(int(args["batches"]))]
+        batch_s = [time_one(lambda b: memory.search_batch(b, Modality.IMAGE, k), b) for b in batches]
+        filtered_s, filtered_top = timed(memory, singles, filters={"dataset": args.get("probe", "probe")})
+        exact_s, exact_top = timed(memory.tuned(exact=True), singles[: int(args.get("exact_single", 10))])
+        disk_mb = sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) / 2**20
+        peak = peak_rss_mb()
+        store.close()
+        start = time.perf_counter()
+        reopened = EdgeStore(root, layout)
+        reopened.collection("bench").search(singles[0], Modality.IMAGE, k)
+        reopen_s = time.perf_counter() - start
+        reopened.close()
+        return {"fill_s": fill_s, "upsert_pairs_per_s": len(image) / fill_s, "build_s": build_s, "curve": curve,
+                "batch_s": batch_s, "filtered_s": filtered_s, "filtered_top": filtered_top, "exact_s": exact_s,
+                "exact_top": exact_top, "reopen_s": reopen_s, "disk_mb": disk_mb, "rss_mb": rss_mb(),
+                "peak_rss_mb": peak, "baseline_rss_mb": baseline, "rows": len(image)}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+TASKS = {"exact": exact_task, "qdrant": qdrant_task, "edge": edge_task}
 
 
 def main(argv: list[str]) -> None:

@@ -1,10 +1,14 @@
-"""``reco bench search``: the exact in-RAM index against Qdrant, 512-d, single queries and batches of 64.
+"""``reco bench search``: the exact in-RAM index against Qdrant Edge and Qdrant, single queries and batches of 64.
 
-Memories are synthetic random unit vectors (:mod:`app.bench.memory_files`): search cost does not
-depend on what vectors mean, and random vectors are the hard case for recall (no clusters, small gaps).
+Data (``data``): ``embeddings`` (the default) are the base encoder's real embeddings of the shared datasets,
+grown past their ~41k pairs by small perturbations (:mod:`app.bench.embedding_memory`, which says how);
+``synthetic`` are random unit vectors (:mod:`app.bench.memory_files`), the hard case for recall.
 Every (size, backend) runs in a fresh process (:mod:`app.bench.child`), so its resident memory is its own.
 
 Backends:
+- ``edge`` / ``edge-int8``: Qdrant Edge, the embedded engine (HNSW m 16, ef_construct 100; the int8 one with
+  scalar quantization and rescoring), one row per search ``hnsw_ef`` (the recall/latency curve), a batch
+  row, a row filtered to one dataset holding 1 % of the points, and ``edge-exact`` (its exact mode);
 - ``exact``: :class:`ExactIndex`, float32, loaded memory-mapped (what the refine worker's snapshot does);
 - ``exact-fp16``: the same in float16 (half the bytes; float16 products rescored in float32);
 - ``qdrant-local``: qdrant-client local mode (in memory: its search is the same code as on a path, and
@@ -31,6 +35,8 @@ from app.bench.common import load_average, machine_info, percentile_ms, run_chil
 from app.bench.memory_files import memory_folder, write_synthetic_memories
 
 DEFAULT_SIZES = (10_000, 100_000, 1_000_000)
+DEFAULT_EFS = (16, 32, 64, 128, 256)
+EDGE_LAYOUTS = {"edge": {}, "edge-int8": {"int8": True}}
 QUERY_SEED = 12_345
 
 
@@ -43,6 +49,8 @@ class SearchRow(BaseModel):
     p99_ms: float
     recall_at_10: float
     rss_mb: float
+    ef: int | None = None  # Edge: the search-time candidate list of this row
+    filtered: bool = False  # searched among the 1 % "probe" dataset only
 
 
 class SearchBenchResult(BaseModel):
@@ -70,6 +78,162 @@ def _rows(size: int, backend: str, measured: dict[str, Any], recall: float, batc
                               qps=round(batch * len(batches) / sum(batches), 2), p50_ms=percentile_ms(batches, 50),
                               p99_ms=percentile_ms(batches, 99), recall_at_10=recall, rss_mb=rss))
     return rows
+
+
+def _edge_rows(size: int, backend: str, measured: dict[str, Any], truth: list[list[int]],
+               probe_truth: list[list[int]], batch: int, k: int) -> list[SearchRow]:
+    rss = float(measured["peak_rss_mb"] or 0.0)
+    rows = []
+    for ef, run in measured["curve"].items():
+        times = run["single_s"]
+        rows.append(SearchRow(size=size, backend=backend, batch=1, ef=int(ef), qps=round(len(times) / sum(times), 2),
+                              p50_ms=percentile_ms(times, 50), p99_ms=percentile_ms(times, 99),
+                              recall_at_10=_recall(run["top"], truth, k)[0], rss_mb=rss))
+    default_recall = rows[-1].recall_at_10 if rows else 0.0
+    batches = measured["batch_s"]
+    if batches:
+        rows.append(SearchRow(size=size, backend=backend, batch=batch, qps=round(batch * len(batches) / sum(batches), 2),
+                              p50_ms=percentile_ms(batches, 50), p99_ms=percentile_ms(batches, 99),
+                              recall_at_10=default_recall, rss_mb=rss))
+    times = measured["filtered_s"]
+    rows.append(SearchRow(size=size, backend=backend, batch=1, filtered=True, qps=round(len(times) / sum(times), 2),
+                          p50_ms=percentile_ms(times, 50), p99_ms=percentile_ms(times, 99),
+                          recall_at_10=_recall(measured["filtered_top"], probe_truth, k)[0], rss_mb=rss))
+    if backend == "edge":
+        times = measured["exact_s"]
+        rows.append(SearchRow(size=size, backend="edge-exact", batch=1, qps=round(len(times) / sum(times), 2),
+                              p50_ms=percentile_ms(times, 50), p99_ms=percentile_ms(times, 99),
+                              recall_at_10=_recall(measured["exact_top"], truth[: len(times)], k)[0], rss_mb=rss))
+    return rows
+
+
+def _embedding_pairs(settings: Any, data_root: Path) -> dict[str, Any]:
+    from app.bench.embedding_memory import real_pairs
+    from app.encoder import OpenClipEncoder
+    from app.reproduce.data import encode_dataset
+
+    encoder = OpenClipEncoder(settings.clip_model, settings.clip_pretrained, device=settings.device,
+                              precision=settings.precision, batch_size=max(settings.encode_batch_size, 128),
+                              seed=settings.random_init_seed)
+    cache = settings.data_dir / "cache" / "reproduce"
+    pairs = real_pairs(lambda folder: encode_dataset(encoder, folder, cache, progress=True), data_root)
+    pairs["encoder_id"] = encoder.encoder_id
+    return pairs
+
+
+def run_engine_bench(
+    sizes: Sequence[int] = (100_000,),
+    *,
+    data_root: Path,
+    settings: Any,
+    k: int = 10,
+    single: int = 100,
+    batches: int = 3,
+    batch: int = 64,
+    efs: Sequence[int] = DEFAULT_EFS,
+    backends: Sequence[str] = ("exact", "edge", "edge-int8"),
+    workdir: Path | None = None,
+    runner: Callable[[str, dict[str, Any]], dict[str, Any]] = run_child,
+    log: Callable[[str], None] = lambda _m: None,
+) -> SearchBenchResult:
+    """Embedding-like memories: exact (float32, the truth) against Qdrant Edge per ``hnsw_ef``."""
+    from app.bench.embedding_memory import exact_truth, write_embedding_memories
+
+    info = machine_info()
+    root = Path(tempfile.mkdtemp(prefix="reco-bench-engine-", dir=workdir))
+    results: list[SearchRow] = []
+    details: dict[str, Any] = {"machine": info, "k": k, "runs": [], "synthetic": False, "efs": list(efs)}
+    try:
+        log("encoding the shared datasets with the configured encoder (cached after the first run)")
+        pairs = _embedding_pairs(settings, data_root)
+        details |= {"encoder_id": pairs["encoder_id"], "real_pairs": int(len(pairs["image"])),
+                    "queries": int(min(single, len(pairs["queries"])))}
+        queries = np.asarray(pairs["queries"], np.float32)
+        queries = np.concatenate([queries] * (1 + batch * batches // len(queries)))[: max(single, batch * batches)]
+        np.save(root / "queries.npy", queries)
+        singles = queries[:single]
+        log(f"writing memories of {sorted(sizes)} pairs from {len(pairs['image']):,} real pairs")
+        write_embedding_memories(root, sizes, pairs)
+        for size in sorted(sizes):
+            folder = memory_folder(root, size, "float32")
+            truth = exact_truth(folder, singles, k)
+            probe_truth = exact_truth(folder, singles, k, probe_only=True)
+            for backend in backends:
+                log(f"{size:,} pairs: {backend}")
+                args: dict[str, Any] = {"folder": str(folder), "queries": str(root / "queries.npy"), "k": k,
+                                        "batch": batch, "single": single, "batches": batches, "mmap": True,
+                                        "workdir": str(workdir) if workdir else None}
+                if backend == "exact":
+                    measured = runner("exact", args)
+                    results += _rows(size, backend, measured, _recall(measured["top"], truth, k)[0], batch)
+                else:
+                    measured = runner("edge", args | {"layout": EDGE_LAYOUTS[backend], "efs": list(efs)})
+                    results += _edge_rows(size, backend, measured, truth, probe_truth, batch, k)
+                details["runs"].append({"size": size, "backend": backend, "load_avg_1m": load_average()[:1],
+                                        **{key: v for key, v in measured.items()
+                                           if key not in ("top", "batch_top", "curve", "filtered_top", "exact_top",
+                                                          "single_s", "batch_s", "filtered_s", "exact_s")}})
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    details["load_avg_end"] = load_average()
+    return SearchBenchResult(results=results, details=details)
+
+
+def engine_goals(result: SearchBenchResult) -> list[dict[str, Any]]:
+    """The memory-engine issue's goals, computed from the rows: met or not, with the figures."""
+    goals = []
+    for size, p50_goal, speed_goal in ((100_000, 3.0, 10.0), (1_000_000, 5.0, 20.0)):
+        rows = [r for r in result.results if r.size == size]
+        exact = next((r for r in rows if r.backend == "exact" and r.batch == 1), None)
+        good = [r for r in rows if r.backend.startswith("edge") and r.backend != "edge-exact" and r.batch == 1
+                and not r.filtered and r.recall_at_10 >= 0.95]
+        if not rows or exact is None:
+            continue
+        best = min(good, key=lambda r: r.p50_ms, default=None)
+        speedup = round(best.qps / exact.qps, 1) if best else None
+        goals.append({"goal": f"{size:,} pairs: p50 <= {p50_goal} ms at recall@10 >= 0.95, >= {speed_goal:g}x exact QPS",
+                      "measured": (f"{best.backend} ef {best.ef}: p50 {best.p50_ms} ms, recall {best.recall_at_10}, "
+                                   f"{speedup}x exact ({exact.qps} QPS)") if best else "no setting reached recall 0.95",
+                      "met": bool(best and best.p50_ms <= p50_goal and speedup is not None and speedup >= speed_goal)})
+        filtered = [r for r in rows if r.filtered and r.recall_at_10 >= 0.95]
+        fbest = min(filtered, key=lambda r: r.p50_ms, default=None)
+        if size == 100_000:
+            goals.append({"goal": "100,000 pairs filtered to 1 %: p50 <= 10 ms at recall@10 >= 0.95",
+                          "measured": (f"{fbest.backend}: p50 {fbest.p50_ms} ms, recall {fbest.recall_at_10}"
+                                       if fbest else "no filtered row reached recall 0.95"),
+                          "met": bool(fbest and fbest.p50_ms <= 10.0)})
+    for run in result.details.get("runs", []):
+        if run["size"] == 1_000_000 and run["backend"] == "edge":
+            goals += [{"goal": "1M: reopen <= 3 s", "measured": f"{run['reopen_s']:.2f} s", "met": run["reopen_s"] <= 3},
+                      {"goal": "1M: peak RSS <= 3 GB", "measured": f"{run['peak_rss_mb']:,.0f} MB",
+                       "met": run["peak_rss_mb"] <= 3072},
+                      {"goal": "1M: upserts >= 5,000 pairs/s", "measured": f"{run['upsert_pairs_per_s']:,.0f} pairs/s",
+                       "met": run["upsert_pairs_per_s"] >= 5000}]
+    return goals
+
+
+def engine_report(result: SearchBenchResult, command: str) -> str:
+    """docs/performance/engine.md: every row, the build/reopen figures and the goals, from one run."""
+    d = result.details
+    lines = ["# Memory engine: exact index vs Qdrant Edge on embedding-like data", "",
+             f"Generated by `{command}` ({d['machine'].get('cpu', '?')}, {d['machine'].get('cores', '?')} cores; "
+             f"load average at the end {d.get('load_avg_end')}). Encoder `{d.get('encoder_id')}`, "
+             f"{d.get('real_pairs'):,} real pairs grown by perturbation (app/bench/embedding_memory.py), "
+             f"{d.get('queries')} held-out query images, k = {d['k']}; recall@10 against exact float32.", "",
+             "| pairs | backend | ef | batch | filtered | p50 ms | p99 ms | QPS | recall@10 | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result.results:
+        lines.append(f"| {r.size:,} | {r.backend} | {r.ef or ''} | {r.batch} | {'1 %' if r.filtered else ''} | "
+                     f"{r.p50_ms} | {r.p99_ms} | {r.qps:,.1f} | {r.recall_at_10} | {r.rss_mb:,.0f} |")
+    lines += ["", "| pairs | backend | upsert pairs/s | HNSW build s | reopen + first query s | disk MB |",
+              "|---|---|---|---|---|---|"]
+    for run in d.get("runs", []):
+        if "build_s" in run:
+            lines.append(f"| {run['size']:,} | {run['backend']} | {run['upsert_pairs_per_s']:,.0f} | "
+                         f"{run['build_s']:.1f} | {run['reopen_s']:.2f} | {run['disk_mb']:,.0f} |")
+    lines += ["", "| goal | measured | met |", "|---|---|---|"]
+    lines += [f"| {g['goal']} | {g['measured']} | {'yes' if g['met'] else 'no'} |" for g in engine_goals(result)]
+    return "\n".join(lines) + "\n"
 
 
 def _plan(size: int, qdrant_local_max: int, qdrant_server_max: int) -> list[tuple[str, str, dict[str, Any]]]:

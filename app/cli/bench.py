@@ -127,31 +127,68 @@ def gpu(
 
 @bench_app.command("search")
 def search(
-    sizes: Annotated[str, typer.Option(help="Comma-separated memory sizes (pairs).")] = "10000,100000,1000000",
-    qdrant_local_max: Annotated[int, typer.Option(help="Largest size run in Qdrant local mode.")] = 100_000,
+    sizes: Annotated[str, typer.Option(help="Comma-separated memory sizes (pairs).")] = "100000",
+    data: Annotated[str, typer.Option(help="embeddings: the base encoder's real embeddings of the shared datasets, "
+                                           "grown by perturbation (Qdrant Edge vs exact; writes "
+                                           "docs/performance/engine.md); synthetic: random unit vectors "
+                                           "(exact vs Qdrant local mode / server).")] = "embeddings",
+    backends: Annotated[str, typer.Option(help="--data embeddings: exact,edge,edge-int8.")] = "exact,edge,edge-int8",
+    efs: Annotated[str, typer.Option(help="--data embeddings: hnsw_ef values of the recall curve.")]
+    = "16,32,64,128,256",
+    queries: Annotated[int, typer.Option(min=10, help="Single queries per row.")] = 100,
+    qdrant_local_max: Annotated[int, typer.Option(help="--data synthetic: largest size run in Qdrant local mode.")]
+    = 100_000,
     stretch: Annotated[bool, typer.Option("--stretch", help="Instead: 10M pairs in int8 + float rescoring (~15 min, "
                                                             "~35 GB disk; writes docs/performance/stretch.json).")]
     = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Exact index vs Qdrant local mode (and server when RECO_QDRANT_URL is set): QPS, p50/p99, recall@10, RSS."""
-    from app.bench.search import run_search_bench
+    """Exact index vs Qdrant Edge (HNSW per ef, int8, filtered, exact mode): QPS, p50/p99, recall@10, RSS."""
+    import json
+    import shlex
+    import sys
+
+    from app.bench.search import EDGE_LAYOUTS, engine_report, run_engine_bench, run_search_bench
 
     if stretch:
         _run_stretch(as_json)
         return
-
     try:
         size_list = [int(s) for s in sizes.split(",") if s.strip()]
+        ef_list = [int(s) for s in efs.split(",") if s.strip()]
     except ValueError:
-        fail(f"--sizes takes integers, got {sizes!r}")
-    result = run_search_bench(size_list, qdrant_local_max=qdrant_local_max)
+        fail(f"--sizes and --efs take integers, got {sizes!r} / {efs!r}")
+    if data == "embeddings":
+        from app.cli._common import load_settings
+
+        wanted = [b.strip() for b in backends.split(",") if b.strip()]
+        unknown = set(wanted) - {"exact", *EDGE_LAYOUTS}
+        if unknown or "exact" not in wanted:
+            fail(f"--backends: exact plus any of {sorted(EDGE_LAYOUTS)} (unknown: {sorted(unknown)})")
+        settings = load_settings()
+        try:
+            result = run_engine_bench(size_list, data_root=settings.shared_data, settings=settings, efs=ef_list,
+                                      backends=wanted, single=queries, log=lambda m: typer.echo(m, err=True))
+        except FileNotFoundError as exc:
+            fail(str(exc))
+        folder = Path("docs") / "performance"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "search.json").write_text(json.dumps(result.model_dump() | {"details": result.details},
+                                                       indent=1, default=str) + "\n")
+        (folder / "engine.md").write_text(engine_report(result, shlex.join(["reco", *sys.argv[1:]])))
+        typer.echo(f"wrote {folder / 'engine.md'} and {folder / 'search.json'}", err=True)
+    elif data == "synthetic":
+        result = run_search_bench(size_list, qdrant_local_max=qdrant_local_max)
+    else:
+        fail(f"--data is embeddings or synthetic, got {data!r}")
     if as_json:
         print_json(result.model_dump())
         return
     for row in result.results:
-        typer.echo(f"{row.size:>9,} {row.backend:14s} batch {row.batch:3d}: {row.qps:10.1f} QPS  p50 {row.p50_ms:9.2f}"
-                   f" ms  p99 {row.p99_ms:9.2f} ms  recall@10 {row.recall_at_10:.3f}  RSS {row.rss_mb:,.0f} MB")
+        ef = f" ef {row.ef:3d}" if row.ef else "       "
+        typer.echo(f"{row.size:>9,} {row.backend:10s}{ef} batch {row.batch:3d}{' 1%' if row.filtered else '   '}: "
+                   f"{row.qps:10.1f} QPS  p50 {row.p50_ms:8.2f} ms  p99 {row.p99_ms:8.2f} ms  "
+                   f"recall@10 {row.recall_at_10:.3f}  RSS {row.rss_mb:,.0f} MB")
 
 
 def _run_stretch(as_json: bool) -> None:
