@@ -127,11 +127,26 @@ def _row_of(item_id: str) -> int:
     return int(item_id.replace("-", "")[-12:], 16)
 
 
+def fill_edge(memory: Any, folder: Path, page: int = 2048) -> int:
+    """Upsert a saved memory folder (both vectors, its payloads) into an Edge collection; returns the rows."""
+    from app.memory.base import ItemPayload, MemoryRecord
+
+    image = np.load(folder / "image.npy", mmap_mode="r")
+    text = np.load(folder / "text.npy", mmap_mode="r")
+    payloads = _payloads(folder)
+    fields = ("item_id", "image_hash", "caption", "dataset", "split", "source")
+    for lo in range(0, len(image), page):
+        hi = min(lo + page, len(image))
+        memory.upsert([MemoryRecord(ItemPayload(**{f: payloads[r][f] for f in fields}),
+                                    np.asarray(image[r], np.float32), np.asarray(text[r], np.float32))
+                       for r in range(lo, hi)])
+    return len(image)
+
+
 def edge_task(args: dict[str, Any]) -> dict[str, Any]:
     import shutil
     import tempfile
 
-    from app.memory.base import ItemPayload, MemoryRecord
     from app.memory.edge import EdgeStore
     from app.memory.layout import MemoryLayout
 
@@ -143,15 +158,9 @@ def edge_task(args: dict[str, Any]) -> dict[str, Any]:
     try:
         store = EdgeStore(root, layout)
         image = np.load(folder / "image.npy", mmap_mode="r")
-        text = np.load(folder / "text.npy", mmap_mode="r")
         memory = store.ensure_collection("bench", int(image.shape[1]))
-        payloads = _payloads(folder)
         start = time.perf_counter()
-        for lo in range(0, len(image), 2048):
-            hi = min(lo + 2048, len(image))
-            memory.upsert([MemoryRecord(ItemPayload(**{f: payloads[r][f] for f in (
-                "item_id", "image_hash", "caption", "dataset", "split", "source")}),
-                np.asarray(image[r], np.float32), np.asarray(text[r], np.float32)) for r in range(lo, hi)])
+        fill_edge(memory, folder)
         fill_s = time.perf_counter() - start
         start = time.perf_counter()
         store.index_pending(force=True)

@@ -3,8 +3,10 @@
 Both go through the prediction service (:func:`app.services.predict.predict_image`): safe decode,
 encode (one image, ViT-B-32), then CLIP scores against the cached class embeddings; RECO (mode
 ``both``) adds the image's retrieval from the memory and the fusion, against cached refined class
-embeddings. The memory is an exact index of ``memory_size`` synthetic pairs (random unit vectors; cost
-does not depend on their meaning); the fusion checkpoint is randomly initialised (speed only). Class
+embeddings. The memory (``memory``) is what serving uses, a Qdrant Edge collection (HNSW) of ``memory_size``
+embedding-like pairs (:mod:`app.bench.embedding_memory`), beside the exact index of the same rows; or, with
+``memory="exact"``, exact indexes of synthetic pairs in both storage types (random unit vectors: exact cost
+does not depend on their meaning). The fusion checkpoint is randomly initialised (speed only). Class
 embeddings are computed before timing (they are cached per class set in production too). Requests
 alternate CLIP/RECO image by image, so both see the same machine state.
 """
@@ -54,7 +56,7 @@ def synthetic_index(size: int, dim: int, dtype: StorageDtype, seed: int = 0) -> 
                       payloads=payloads, dtype=dtype, normalise=False, version=f"synthetic:{size}:{dtype}")
 
 
-def register_random_fusion(settings: Settings, encoder: OpenClipEncoder, index: ExactIndex) -> Path:
+def register_random_fusion(settings: Settings, encoder: OpenClipEncoder, index: Any) -> Path:
     """A seeded, untrained fusion checkpoint registered as the newest for this encoder."""
     from app.db.runs import register_checkpoint
     from app.fusion.checkpoint import CheckpointMeta, save_checkpoint
@@ -62,15 +64,16 @@ def register_random_fusion(settings: Settings, encoder: OpenClipEncoder, index: 
     from app.fusion.model import RecoFusion
     from app.services.method_common import session_factory_for
 
+    version = str(getattr(index, "version", None) or getattr(index, "collection", "bench"))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = RecoFusion(get_fusion_config(settings.fusion_config), encoder.dim)
     meta = CheckpointMeta(config=model.cfg.to_dict(), dim=encoder.dim, encoder_id=encoder.encoder_id,
-                          memory_version=index.version, metrics={"note": "random init, speed benchmark only"})
+                          memory_version=version, metrics={"note": "random init, speed benchmark only"})
     path = settings.data_dir / "fusion-random.safetensors"
     sha = save_checkpoint(path, model, meta)
     register_checkpoint(session_factory_for(settings), path=str(path), sha256=sha, encoder_id=encoder.encoder_id,
-                        memory_version=index.version, config=model.cfg.to_dict(), metrics=meta.metrics)
+                        memory_version=version, config=model.cfg.to_dict(), metrics=meta.metrics)
     return path
 
 
@@ -91,6 +94,7 @@ def run_refine_bench(
     threads: int | None = 1,
     encoder: OpenClipEncoder | None = None,
     workdir: Path | None = None,
+    memory: str = "edge",
 ) -> RefineBenchResult:
     """CLIP vs RECO per image, interleaved; RECO over ``dtype`` (contract) and the other storage (details).
 
@@ -106,14 +110,18 @@ def run_refine_bench(
         if threads:
             torch.set_num_threads(threads)
         other: StorageDtype = "float16" if dtype == "float32" else "float32"
-        indexes: dict[str, ExactIndex] = {d: synthetic_index(memory_size, encoder.dim, d) for d in (dtype, other)}
+        if memory == "edge":
+            indexes = _edge_and_exact(root, memory_size, encoder.dim)
+            dtype, other = "edge", "float32"  # type: ignore[assignment]  # leg names: the contract's, then the other
+        else:
+            indexes = {d: synthetic_index(memory_size, encoder.dim, d) for d in (dtype, other)}
         blobs = [p.read_bytes() for p in first_images(images, n_images)]
         times = _timed_predictions(root, encoder, indexes, blobs, k)
         retrieval = {d: _retrieval_only(index, encoder, k) for d, index in indexes.items()}
     finally:
         torch.set_num_threads(previous_threads)
         shutil.rmtree(root, ignore_errors=True)
-    details = {"info": info, "dtype": dtype, "k": k, "images": len(blobs), "threads": threads or previous_threads,
+    details = {"info": info, "dtype": dtype, "memory": memory, "k": k, "images": len(blobs), "threads": threads or previous_threads,
                "model": f"{encoder.model_name}/{encoder.pretrained or 'random'}",
                "retrieval_fusion_ms": retrieval, "other_dtype": other,
                "reco_other_dtype_p50_ms": percentile_ms(times[f"reco-{other}"], 50),
@@ -123,8 +131,31 @@ def run_refine_bench(
     return _refine_result(times["clip"], times[f"reco-{dtype}"], memory_size, details)
 
 
+def _edge_and_exact(root: Path, size: int, dim: int) -> dict[str, Any]:
+    """{"edge": an indexed Edge collection, "float32": the exact index} of the same embedding-like rows."""
+    from app.bench.child import fill_edge
+    from app.bench.embedding_memory import write_embedding_memories
+    from app.bench.memory_files import memory_folder
+    from app.bench.search import _embedding_pairs
+    from app.memory.edge import EdgeStore
+    from app.memory.layout import MemoryLayout
+
+    settings = get_settings()
+    pairs = _embedding_pairs(settings, settings.shared_data)
+    if np.asarray(pairs["image"]).shape[1] != dim:
+        raise ValueError(f"the configured encoder gives {np.asarray(pairs['image']).shape[1]}-d embeddings, "
+                         f"the benchmark's encoder {dim}-d: use --memory exact")
+    write_embedding_memories(root / "rows", [size], pairs)
+    folder = memory_folder(root / "rows", size, "float32")
+    store = EdgeStore(root / "edge", MemoryLayout(indexing_threshold=10**9, min_free_mb=0))
+    edge = store.ensure_collection("bench", dim)
+    fill_edge(edge, folder)
+    store.index_pending(force=True)
+    return {"edge": edge, "float32": ExactIndex.load(folder, mmap=True)}
+
+
 def _timed_predictions(
-    root: Path, encoder: OpenClipEncoder, indexes: dict[str, ExactIndex], blobs: list[bytes], k: int
+    root: Path, encoder: OpenClipEncoder, indexes: dict[str, Any], blobs: list[bytes], k: int
 ) -> dict[str, list[float]]:
     """Per image, in rotating order: CLIP, then RECO over each index (seconds per request)."""
     from app.services.method_common import session_factory_for
@@ -132,13 +163,13 @@ def _timed_predictions(
 
     settings = get_settings(data_dir=root, database_url=None, qdrant_url=None, clip_model=encoder.model_name,
                             clip_pretrained=encoder.pretrained, k_infer=k, device=encoder.device.type)
-    register_random_fusion(settings, encoder, next(iter(indexes.values())))
+    register_random_fusion(settings, encoder, indexes[next(iter(indexes))])
     factory = session_factory_for(settings)
     classes = _classes(settings)
-    legs: list[tuple[str, RefineMode, ExactIndex | None]] = [("clip", RefineMode.CLIP, None)]
+    legs: list[tuple[str, RefineMode, Any]] = [("clip", RefineMode.CLIP, None)]
     legs += [(f"reco-{d}", RefineMode.BOTH, index) for d, index in indexes.items()]
 
-    def predict(data: bytes, mode: RefineMode, memory: ExactIndex | None) -> float:
+    def predict(data: bytes, mode: RefineMode, memory: Any) -> float:
         request = PredictRequest(image_bytes=data, classes=classes, mode=mode, top=5, k=k)
         start = time.perf_counter()
         predict_image(settings, request, encoder=encoder, memory=memory, session_factory=factory)
@@ -153,7 +184,7 @@ def _timed_predictions(
     return times
 
 
-def _retrieval_only(index: ExactIndex, encoder: OpenClipEncoder, k: int, n: int = 20) -> dict[str, float]:
+def _retrieval_only(index: Any, encoder: OpenClipEncoder, k: int, n: int = 20) -> dict[str, float]:
     """The part RECO adds, alone: neighbours of one image embedding from the index, then the fusion."""
     from app.fusion.config import get_fusion_config
     from app.fusion.model import RecoFusion

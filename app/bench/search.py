@@ -135,6 +135,7 @@ def run_engine_bench(
     workdir: Path | None = None,
     runner: Callable[[str, dict[str, Any]], dict[str, Any]] = run_child,
     log: Callable[[str], None] = lambda _m: None,
+    pairs: dict[str, Any] | None = None,
 ) -> SearchBenchResult:
     """Embedding-like memories: exact (float32, the truth) against Qdrant Edge per ``hnsw_ef``."""
     from app.bench.embedding_memory import exact_truth, write_embedding_memories
@@ -145,7 +146,7 @@ def run_engine_bench(
     details: dict[str, Any] = {"machine": info, "k": k, "runs": [], "synthetic": False, "efs": list(efs)}
     try:
         log("encoding the shared datasets with the configured encoder (cached after the first run)")
-        pairs = _embedding_pairs(settings, data_root)
+        pairs = pairs or _embedding_pairs(settings, data_root)
         details |= {"encoder_id": pairs["encoder_id"], "real_pairs": int(len(pairs["image"])),
                     "queries": int(min(single, len(pairs["queries"])))}
         queries = np.asarray(pairs["queries"], np.float32)

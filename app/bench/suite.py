@@ -50,7 +50,7 @@ def run_all(
     log(f"ingest: {n} images, encoder-only vs pipeline, interleaved")
     results["ingest"] = _entry(run_ingest_bench(images, n, encoder=encoder))
     log(f"refine: CLIP vs RECO at a {refine_memory:,} memory")
-    results["refine"] = _entry(run_refine_bench(images, memory_size=refine_memory, encoder=encoder))
+    results["refine"] = _entry(run_refine_bench(images, memory_size=refine_memory, encoder=encoder, memory="exact"))
     log("train: fusion samples/s on cached embeddings")
     results["train"] = _entry(run_train_bench(pairs=train_pairs))
     log("growth: ingest throughput vs batch size")

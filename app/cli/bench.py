@@ -214,6 +214,9 @@ def refine(
     n: Annotated[int, typer.Option("--n", min=2, help="Images (requests per mode).")] = 40,
     dtype: Annotated[str, typer.Option(help="Exact index storage: float32 or float16.")] = "float32",
     threads: Annotated[int, typer.Option(help="torch threads while timing (0 = torch's default).")] = 1,
+    memory: Annotated[str, typer.Option(help="edge: Qdrant Edge (HNSW) over embedding-like rows, beside the exact "
+                                             "index of the same rows; exact: synthetic exact indexes (--dtype).")]
+    = "edge",
     as_json: JsonOpt = False,
 ) -> None:
     """Image bytes → CLIP top-5 vs RECO top-5 (retrieval + fusion), p50/p99 and RECO's overhead."""
@@ -222,7 +225,7 @@ def refine(
     if dtype not in ("float32", "float16"):
         fail("--dtype is float32 or float16")
     _show(run_refine_bench(images, memory_size=memory_size, n_images=n, dtype=dtype,  # type: ignore[arg-type]
-                           threads=threads or None), as_json)
+                           threads=threads or None, memory=memory), as_json)
 
 
 @bench_app.command("train")

@@ -30,7 +30,7 @@ from tests.conftest import SHARED_DATA
 
 IMAGES = SHARED_DATA / "flickr8k" / "images"
 INGEST_KEYS = {"n", "encoder_only_img_s", "pipeline_img_s", "ratio", "model", "device"}
-SEARCH_KEYS = {"size", "backend", "batch", "qps", "p50_ms", "p99_ms", "recall_at_10", "rss_mb"}
+SEARCH_KEYS = {"size", "backend", "batch", "qps", "p50_ms", "p99_ms", "recall_at_10", "rss_mb", "ef", "filtered"}
 REFINE_KEYS = {"memory_size", "clip_p50_ms", "reco_p50_ms", "clip_p99_ms", "reco_p99_ms", "overhead"}
 
 
@@ -66,10 +66,36 @@ def test_search_bench_gives_the_contract_and_exact_agrees_with_qdrant(tmp_path: 
     assert all(run["identical_top10"] == 1.0 for run in result.details["runs"] if run["backend"] == "qdrant-local")
 
 
+def _clustered(n: int, dim: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((20, dim))
+    rows = centres[rng.integers(0, 20, n)] + 0.5 * rng.standard_normal((n, dim))
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_engine_bench_edge_against_exact_on_embedding_like_rows(tmp_path: Path) -> None:
+    from app.bench.search import engine_goals, engine_report, run_engine_bench
+
+    pairs = {"image": _clustered(400, 32, 1), "text": _clustered(400, 32, 2), "dataset": ["a", "b"] * 200,
+             "queries": _clustered(30, 32, 3), "encoder_id": "test"}
+    result = run_engine_bench([600, 1200], data_root=tmp_path, settings=None, single=12, batches=1, batch=8,
+                              efs=(8, 64), workdir=tmp_path, runner=_in_process, pairs=pairs)
+    rows = result.results
+    edge = [r for r in rows if r.backend == "edge" and r.batch == 1 and not r.filtered]
+    assert {(r.size, r.ef) for r in edge} == {(n, ef) for n in (600, 1200) for ef in (8, 64)}
+    # exact mode is the exact index's answer; HNSW with a wide candidate list finds it too at this size
+    assert all(r.recall_at_10 == 1.0 for r in rows if r.backend in ("exact", "edge-exact"))
+    assert all(r.recall_at_10 >= 0.9 for r in edge if r.ef == 64)
+    assert {r.size for r in rows if r.filtered} == {600, 1200}  # the 1 % "probe" dataset, searched alone
+    runs = [run for run in result.details["runs"] if run["backend"] == "edge"]
+    assert all(run["upsert_pairs_per_s"] > 0 and run["reopen_s"] > 0 and run["rows"] == run["size"] for run in runs)
+    assert isinstance(engine_goals(result), list) and "| goal |" in engine_report(result, "reco bench search")
+
+
 def test_refine_bench_gives_the_contract(tiny: object, tmp_path: Path) -> None:
     from app.bench.refine import run_refine_bench
 
-    result = run_refine_bench(IMAGES, memory_size=300, n_images=2, encoder=tiny, workdir=tmp_path)
+    result = run_refine_bench(IMAGES, memory_size=300, n_images=2, encoder=tiny, workdir=tmp_path, memory="exact")
     dumped = result.model_dump()
     assert set(dumped) == REFINE_KEYS and dumped["memory_size"] == 300
     assert dumped["overhead"] == pytest.approx(dumped["reco_p50_ms"] / dumped["clip_p50_ms"] - 1, abs=1e-3)
