@@ -147,7 +147,7 @@ def _edge_and_exact(root: Path, size: int, dim: int) -> dict[str, Any]:
                          f"the benchmark's encoder {dim}-d: use --memory exact")
     write_embedding_memories(root / "rows", [size], pairs)
     folder = memory_folder(root / "rows", size, "float32")
-    store = EdgeStore(root / "edge", MemoryLayout(indexing_threshold=10**9, min_free_mb=0))
+    store = EdgeStore(root / "edge", MemoryLayout(indexing_threshold=1, min_free_mb=0))
     edge = store.ensure_collection("bench", dim)
     fill_edge(edge, folder)
     store.index_pending(force=True)
