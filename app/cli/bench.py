@@ -132,7 +132,8 @@ def search(
                                            "grown by perturbation (Qdrant Edge vs exact; writes "
                                            "docs/performance/engine.md); synthetic: random unit vectors "
                                            "(exact vs Qdrant local mode / server).")] = "embeddings",
-    backends: Annotated[str, typer.Option(help="--data embeddings: exact,edge,edge-int8.")] = "exact,edge,edge-int8",
+    backends: Annotated[str, typer.Option(help="--data embeddings: exact plus any of edge, edge-int8, edge-int8-disk "
+                                                "(int8 in RAM, originals memory-mapped from disk).")] = "exact,edge,edge-int8",
     efs: Annotated[str, typer.Option(help="--data embeddings: hnsw_ef values of the recall curve.")]
     = "16,32,64,128,256",
     queries: Annotated[int, typer.Option(min=10, help="Single queries per row.")] = 100,
@@ -148,7 +149,7 @@ def search(
     import shlex
     import sys
 
-    from app.bench.search import EDGE_LAYOUTS, engine_report, run_engine_bench, run_search_bench
+    from app.bench.search import EDGE_LAYOUTS, engine_report, merge_runs, run_engine_bench, run_search_bench
 
     if stretch:
         _run_stretch(as_json)
@@ -173,9 +174,11 @@ def search(
             fail(str(exc))
         folder = Path("docs") / "performance"
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "search.json").write_text(json.dumps(result.model_dump() | {"details": result.details},
-                                                       indent=1, default=str) + "\n")
-        (folder / "engine.md").write_text(engine_report(result, shlex.join(["reco", *sys.argv[1:]])))
+        saved = folder / "search.json"
+        command = shlex.join(["reco", *sys.argv[1:]])
+        merged = merge_runs(json.loads(saved.read_text()) if saved.is_file() else None, result, command)
+        saved.write_text(json.dumps(merged.model_dump() | {"details": merged.details}, indent=1, default=str) + "\n")
+        (folder / "engine.md").write_text(engine_report(merged, command))
         typer.echo(f"wrote {folder / 'engine.md'} and {folder / 'search.json'}", err=True)
     elif data == "synthetic":
         result = run_search_bench(size_list, qdrant_local_max=qdrant_local_max)

@@ -74,7 +74,7 @@ def _clustered(n: int, dim: int, seed: int) -> np.ndarray:
 
 
 def test_engine_bench_edge_against_exact_on_embedding_like_rows(tmp_path: Path) -> None:
-    from app.bench.search import engine_goals, engine_report, run_engine_bench
+    from app.bench.search import engine_goals, engine_report, merge_runs, run_engine_bench
 
     pairs = {"image": _clustered(400, 32, 1), "text": _clustered(400, 32, 2), "dataset": ["a", "b"] * 200,
              "queries": _clustered(30, 32, 3), "encoder_id": "test"}
@@ -90,6 +90,11 @@ def test_engine_bench_edge_against_exact_on_embedding_like_rows(tmp_path: Path) 
     runs = [run for run in result.details["runs"] if run["backend"] == "edge"]
     assert all(run["upsert_pairs_per_s"] > 0 and run["reopen_s"] > 0 and run["rows"] == run["size"] for run in runs)
     assert isinstance(engine_goals(result), list) and "| goal |" in engine_report(result, "reco bench search")
+    # a later run at one size replaces that size's rows and keeps the others
+    again = result.model_copy(update={"results": [r for r in rows if r.size == 600]})
+    again.details = dict(result.details, runs=[r for r in result.details["runs"] if r["size"] == 600])
+    merged = merge_runs(result.model_dump() | {"details": result.details}, again, "second")
+    assert len(merged.results) == len(rows) and merged.details["commands"] == {"600": "second"}
 
 
 def test_refine_bench_gives_the_contract(tiny: object, tmp_path: Path) -> None:
