@@ -1,7 +1,8 @@
 """Embedding-like memories for ``reco bench search``: the base encoder's real embeddings, grown by perturbation.
 
 Recall depends on how vectors cluster, so the engine is measured on what it will hold. The real part is
-every captioned pair of Flickr8k and Clothing-10 (~41k pairs over ~9k images) encoded by the configured encoder (cached like ``reco reproduce``).
+every captioned pair of Flickr8k and Clothing-10 (~41k pairs over ~9k images) encoded by the configured
+encoder (cached like ``reco reproduce``).
 Past that size, row ``r`` is real pair ``r mod R`` plus Gaussian noise of norm ``NOISE_NORM`` (about 0.93
 cosine to its origin), re-normalised: the copies keep the real clusters and the real gaps between them
 while no two rows coincide. Queries are the image embeddings of 2 % of the images (chosen by a seeded

@@ -121,7 +121,8 @@ def run_refine_bench(
     finally:
         torch.set_num_threads(previous_threads)
         shutil.rmtree(root, ignore_errors=True)
-    details = {"info": info, "dtype": dtype, "memory": memory, "k": k, "images": len(blobs), "threads": threads or previous_threads,
+    details = {"info": info, "dtype": dtype, "memory": memory, "k": k, "images": len(blobs),
+               "threads": threads or previous_threads,
                "model": f"{encoder.model_name}/{encoder.pretrained or 'random'}",
                "retrieval_fusion_ms": retrieval, "other_dtype": other,
                "reco_other_dtype_p50_ms": percentile_ms(times[f"reco-{other}"], 50),

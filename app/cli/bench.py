@@ -133,7 +133,8 @@ def search(
                                            "docs/performance/engine.md); synthetic: random unit vectors "
                                            "(exact vs Qdrant local mode / server).")] = "embeddings",
     backends: Annotated[str, typer.Option(help="--data embeddings: exact plus any of edge, edge-int8, edge-int8-disk "
-                                                "(int8 in RAM, originals memory-mapped from disk).")] = "exact,edge,edge-int8",
+                                                "(int8 in RAM, originals memory-mapped from disk).")]
+    = "exact,edge,edge-int8",
     efs: Annotated[str, typer.Option(help="--data embeddings: hnsw_ef values of the recall curve.")]
     = "16,32,64,128,256",
     queries: Annotated[int, typer.Option(min=10, help="Single queries per row.")] = 100,
