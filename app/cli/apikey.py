@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from app.cli._common import fail, load_settings, print_json
 
+if TYPE_CHECKING:
+    from app.db.apikeys import ApiKeyRepo
+
 apikey_cli = typer.Typer(help="API keys of reco serve (scopes: read, write, admin).", no_args_is_help=True)
 
 
-def _keys():  # type: ignore[no-untyped-def]
+def _keys() -> ApiKeyRepo:
     from app.db.apikeys import ApiKeyRepo
     from app.services.method_common import session_factory_for
 

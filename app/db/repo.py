@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -60,7 +61,7 @@ class MetadataRepo:
     def from_url(cls, url: str) -> MetadataRepo:
         return cls(make_session_factory(url))
 
-    def session(self):  # type: ignore[no-untyped-def]
+    def session(self) -> AbstractContextManager[Session]:
         return session_scope(self.session_factory)
 
     # --- jobs ---------------------------------------------------------------------------------
