@@ -163,9 +163,11 @@ def edge_task(args: dict[str, Any]) -> dict[str, Any]:
         start = time.perf_counter()
         fill_edge(memory, folder)
         fill_s = time.perf_counter() - start
+        print(f"  filled {len(image):,} pairs in {fill_s:.0f} s; building HNSW", file=sys.stderr, flush=True)
         start = time.perf_counter()
         store.index_pending(force=True)
         build_s = time.perf_counter() - start
+        print(f"  HNSW built in {build_s:.0f} s; searching", file=sys.stderr, flush=True)
         singles = queries[: int(args["single"])]
 
         def timed(mem: Any, qs: np.ndarray, **kw: Any) -> tuple[list[float], list[list[int]]]:

@@ -184,7 +184,8 @@ def run_engine_bench(
                 log(f"{size:,} pairs: {backend}")
                 args: dict[str, Any] = {"folder": str(folder), "queries": str(root / "queries.npy"), "k": k,
                                         "batch": batch, "single": single, "batches": batches, "mmap": True,
-                                        "workdir": str(workdir) if workdir else None}
+                                        "workdir": str(workdir) if workdir else None,
+                                        "timeout_s": max(900, size // 250)}  # 1M pairs: 67 min
                 if backend == "exact":
                     measured = runner("exact", args)
                     results += _rows(size, backend, measured, recall(measured["top"]), batch)
