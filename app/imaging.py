@@ -7,7 +7,10 @@ uploads in the UI, ``reco predict``/``search --image`` and the refine worker.
 from __future__ import annotations
 
 import io
+import os
+import stat
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -47,6 +50,47 @@ class ImageRejected(Exception):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+def read_image_file(path: str | Path, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``, else :class:`ImageRejected` (never blocks).
+
+    For query images (``reco search --image``, ``reco predict --image``) and re-reads of stored items: the
+    path is stat-ed before it is opened, so a FIFO, a device (``/dev/zero``) or a folder is refused without
+    a read; the descriptor is stat-ed again, and at most ``max_bytes + 1`` bytes are ever read.
+    """
+    shown = str(path)
+    try:
+        _require_regular(os.stat(path), max_bytes, shown)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0))
+    except FileNotFoundError as exc:
+        raise ImageRejected(RejectReason.MISSING, f"{shown}: no such file") from exc
+    except OSError as exc:
+        raise ImageRejected(RejectReason.MISSING, f"{shown}: unreadable ({exc.strerror or exc})") from exc
+    with os.fdopen(fd, "rb", buffering=0) as handle:
+        _require_regular(os.fstat(handle.fileno()), max_bytes, shown)
+        chunks: list[bytes] = []
+        total = 0
+        while total <= max_bytes:
+            chunk = handle.read(min(1 << 20, max_bytes + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+    if total > max_bytes:
+        raise ImageRejected(RejectReason.TOO_LARGE, f"{shown} grew past the cap of {max_bytes} bytes while read")
+    return b"".join(chunks)
+
+
+def _require_regular(info: os.stat_result, max_bytes: int, shown: str) -> None:
+    if stat.S_ISDIR(info.st_mode):
+        raise ImageRejected(RejectReason.NOT_AN_IMAGE, f"{shown} is a folder, not an image file")
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageRejected(RejectReason.NOT_AN_IMAGE,
+                            f"{shown} is not a regular file (a device, FIFO or socket): give an image file")
+    if info.st_size > max_bytes:
+        raise ImageRejected(RejectReason.TOO_LARGE,
+                            f"{shown} is {info.st_size} bytes > cap {max_bytes} (RECO_MAX_IMAGE_BYTES)")
 
 
 def open_image_safely(data: bytes, limits: ImageLimits | None = None) -> Image.Image:

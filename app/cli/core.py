@@ -36,13 +36,13 @@ def search(
     """Search the live memory (plain CLIP embeddings, or the query refined by RECO with --mode)."""
     from pydantic import ValidationError
 
-    from app.imaging import ImageRejected
+    from app.imaging import ImageRejected, read_image_file
     from app.remote import ServerError
     from app.services.serving import SearchQuery
 
     settings = load_settings()
     try:
-        request = SearchQuery(text=text, image_bytes=image.read_bytes() if image else None, k=k,
+        request = SearchQuery(text=text, image_bytes=read_image_file(image, settings.max_image_bytes) if image else None, k=k,
                               filters=_parse_filters(filters or []), target=target, mode=mode)
         response = serving(settings).search(request)
     except (ValidationError, ValueError, LookupError, ImageRejected, OSError, ServerError) as exc:

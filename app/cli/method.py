@@ -131,7 +131,7 @@ def predict(
     """Zero-shot classification of one image, with the memory neighbours behind it."""
     from pydantic import ValidationError
 
-    from app.imaging import ImageRejected
+    from app.imaging import ImageRejected, read_image_file
     from app.manifest import ManifestError, load_classes
     from app.remote import ServerError
     from app.services.method_common import MethodError
@@ -141,7 +141,7 @@ def predict(
     try:
         names = load_classes(classes) if classes else [s.strip() for s in (labels or "").split(",") if s.strip()]
         query = PredictQuery(labels=names, mode=mode, top=top, k=k, templates=templates)
-        answer = serving(settings).predict([(image.name, image.read_bytes())], query)[0]
+        answer = serving(settings).predict([(image.name, read_image_file(image, settings.max_image_bytes))], query)[0]
     except (ValidationError, MethodError, ManifestError, ImageRejected, ValueError, OSError, ServerError) as exc:
         fail(str(exc))
     if answer.mode is not RefineMode.CLIP and answer.reco is None:

@@ -29,7 +29,7 @@ from app.config import Settings
 from app.db.models import EmbeddingVersion, Item
 from app.db.repo import MetadataRepo
 from app.encoder import Encoder, create_encoder
-from app.imaging import ImageLimits, open_image_safely
+from app.imaging import ImageLimits, ImageRejected, open_image_safely, read_image_file
 from app.manifest import load_classes
 from app.memory.base import MemoryStore, MemoryStoreError, SearchHit, VectorMemory
 from app.memory.store import live_memory, open_store
@@ -479,7 +479,11 @@ class ServingService:
         path = Path(item.source_uri)
         if not path.is_file():
             raise LookupError(f"the image of item {item_id} is no longer at {item.source_uri}")
-        data = path.read_bytes()[: self.settings.max_image_bytes + 1]
+
+        try:
+            data = read_image_file(path, self.settings.max_image_bytes)
+        except ImageRejected as exc:
+            raise LookupError(f"the image of item {item_id} cannot be read: {exc.detail}") from exc
         if hashlib.sha256(data).hexdigest() != item.image_hash:
             raise LookupError(f"the image of item {item_id} changed since it was ingested")
         import io
