@@ -289,3 +289,44 @@ def test_first_commands_racing_on_an_empty_postgres_all_succeed(postgres_url: st
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
     results = [(p.wait(timeout=120), p.stderr.read() if p.stderr else "") for p in procs]
     assert all(code == 0 for code, _ in results), [err[-800:] for code, err in results if code]
+
+
+def test_query_images_are_read_capped_from_regular_files_only(
+    tiny_env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    reliability: ReliabilitySummary,
+) -> None:
+    """Defect 6: /dev/zero, a FIFO, a folder, a file over the cap — refused at once with one line."""
+    import threading
+
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    big = tmp_path / "big.jpg"
+    with open(big, "wb") as fh:
+        fh.truncate(2 * 1024 * 1024)
+    env = {"RECO_MAX_IMAGE_BYTES": str(1024 * 1024)}
+    cases = {"/dev/zero": "/dev/zero", "FIFO": str(fifo), "folder": str(tmp_path), "over the cap": str(big)}
+    for name, path in cases.items():
+        for command in (["search", "--image", path], ["predict", "--image", path, "--labels", "a,b",
+                                                      "--mode", "clip"]):
+            result: list[tuple[int, str, str]] = []
+            worker = threading.Thread(target=lambda c=command: result.append(reco(c, capsys, monkeypatch, env)),
+                                      daemon=True)
+            worker.start()
+            worker.join(60)
+            assert result, f"{command[0]} --image {name} did not return within 60 s"
+            code, _, err = result[0]
+            assert_one_line(code, err, 2)
+            reliability.outcome("query image", name, f"reco {command[0]} --image", "refused at once",
+                                "refused at once")
+
+
+def test_read_image_file_reads_at_most_the_cap(tmp_path: Path) -> None:
+    from app.imaging import ImageRejected, read_image_file
+
+    good = tmp_path / "a.bin"
+    good.write_bytes(b"x" * 100)
+    assert read_image_file(good, 100) == b"x" * 100
+    with pytest.raises(ImageRejected, match="cap"):
+        read_image_file(good, 99)
+    with pytest.raises(ImageRejected, match="not a regular file"):
+        read_image_file("/dev/zero", 10)
