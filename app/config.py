@@ -114,6 +114,10 @@ class Settings(BaseSettings):
     )
     allow_url_sources: bool = Field(default=False, description="Manifest rows with http(s) URIs.")
     ingest_batch_size: int = Field(default=64, ge=1)
+    ingest_max_rss_mb: int = Field(
+        default=2048, ge=256, description="Peak memory an ingestion aims to stay under: images are downscaled "
+        "right after decoding, a quarter of this bounds the decoded pixels in flight across decode threads, "
+        "another quarter the pixels a batch holds (batches are cut by bytes as well as by rows).")
 
     # --- RECO method (paper defaults) -----------------------------------------------------------
     fusion_config: str = Field(default="reco-fusion-b", description="Name of a JSON in app/fusion/configs.")
