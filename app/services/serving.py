@@ -356,7 +356,8 @@ class ServingService:
         classes = self.resolve_classes(query)
         live = self.live()
         k = query.k or self.settings.k_infer
-        decoded = [open_image_safely(data, self.limits) for _, data in images]  # ImageRejected: the caller's 4xx
+        fit = getattr(live.encoder, "image_size", None)  # downscaled right after decoding: bounded memory
+        decoded = [open_image_safely(data, self.limits, fit=fit) for _, data in images]  # ImageRejected: a 4xx
         vectors = live.encoder.encode_images(decoded) if decoded else np.zeros((0, 0), np.float32)
         loaded = (live.refiner, live.checkpoint_label or "") if live.refiner is not None else None
         out = []
