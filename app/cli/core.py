@@ -81,6 +81,9 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
         typer.echo(f"  collection {name}: {n} points")
     for encoder_id, counts in info["status"].items():
         typer.echo(f"  {encoder_id}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    for encoder_id, n in info.get("missing_vectors", {}).items():
+        typer.secho(f"  LOST VECTORS: {n} items of {encoder_id} are marked embedded but have no vectors in the "
+                    "memory: run `reco memory reconcile` to re-embed exactly those", fg="yellow")
 
 
 @db_cli.command("upgrade")

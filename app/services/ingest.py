@@ -295,6 +295,14 @@ class IngestService:
             candidates.append((item, p))
         status = self.repo.embedding_status([c[0].id for c in candidates], self.encoder_id)
         taken_down = self.repo.deleted_among([c[0].id for c in candidates])
+        # An item the metadata calls embedded is a duplicate only while its vectors are in the memory: vectors
+        # lost (a store removed or replaced) are embedded again, never counted as duplicates.
+        said_embedded = [c[0].id for c in candidates if status.get(c[0].id) == EmbedStatus.EMBEDDED]
+        if said_embedded:
+            present = self.memory.existing_ids(said_embedded)
+            for item_id in said_embedded:
+                if item_id not in present:
+                    status.pop(item_id, None)
         for item, p in candidates:
             if item.id in taken_down:
                 why = taken_down[item.id].deleted_reason or "no reason given"
@@ -383,11 +391,12 @@ class IngestService:
         report.checked = len(pending)
         self.repo.set_status(sorted(present), self.encoder_id, EmbedStatus.EMBEDDED)
         report.marked_embedded = len(present)
-        embedded = self.repo.item_ids_with_status(self.encoder_id, EmbedStatus.EMBEDDED, limit)
-        lost = sorted(set(embedded) - self.memory.existing_ids(embedded))
+        from app.services.restore import missing_vector_ids
+
+        lost = missing_vector_ids(self.repo, self.memory, self.encoder_id)  # every embedded item, page by page
         self.repo.set_status(lost, self.encoder_id, EmbedStatus.PENDING, detail="vectors missing in Qdrant")
         report.reset_to_pending = len(lost)
-        report.checked += len(embedded)
+        report.checked += self.repo.status_counts().get(self.encoder_id, {}).get(EmbedStatus.EMBEDDED, 0) + len(lost)
         return report
 
 
