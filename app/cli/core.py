@@ -37,6 +37,7 @@ def search(
     from pydantic import ValidationError
 
     from app.imaging import ImageRejected, read_image_file
+    from app.manifest import printable
     from app.remote import ServerError
     from app.services.serving import SearchQuery
 
@@ -59,7 +60,7 @@ def search(
         typer.secho("RANDOM WEIGHTS: these results carry no meaning (set RECO_CLIP_PRETRAINED)", fg="yellow")
     typer.echo(f"encoder {response.encoder_id} · {response.query_modality}→{response.target}")
     for r in response.results:
-        typer.echo(f"{r.score:7.4f}  {r.caption}  [{r.source}]")
+        typer.echo(f"{r.score:7.4f}  {printable(r.caption)}  [{printable(r.source)}]")  # no terminal tricks
 
 
 def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:

@@ -125,6 +125,12 @@ def row_problem(row: InputRow) -> FailedInput | None:
         problem = (RejectReason.BAD_ROW, f"source is {len(row.source)} characters > cap {MAX_SOURCE_CHARS}")
     if problem is None and "\x00" in row.source:
         problem = (RejectReason.BAD_ROW, "source contains NUL")
+    if problem is None and row.path is not None:
+        try:
+            str(row.path).encode("utf-8")
+        except UnicodeEncodeError:
+            problem = (RejectReason.BAD_ENCODING, "the file name is not valid UTF-8, which the metadata database "
+                       "cannot store as it is: rename the file")
     if problem is None:
         return None
     return FailedInput(printable(row.source)[:MAX_SOURCE_CHARS], *problem)
@@ -418,7 +424,9 @@ def _new_item(p: PreparedItem, caption: str) -> NewItem:
     return NewItem(
         id=item_id_for(p.image_hash, caption), content_hash=content_hash(p.image_hash, caption),
         image_hash=p.image_hash, caption=caption,
-        source_uri=row.source if row.path is None else printable(str(row.path)),  # non-UTF-8 names escaped
+        # the real path (a newline or U+202E in a name included), so re-embedding and retries can read it again;
+        # names the database cannot hold (not UTF-8) were refused by row_problem
+        source_uri=row.source if row.path is None else str(row.path),
         dataset=row.dataset, split=row.split, label=row.label, size_bytes=p.size_bytes,
         width=p.width if p.width is not None else (p.image.width if p.image is not None else None),
         height=p.height if p.height is not None else (p.image.height if p.image is not None else None),
