@@ -286,6 +286,11 @@ class MetadataRepo:
         with self.session() as s:
             return int(s.scalar(select(func.count()).select_from(Item)) or 0)
 
+    def has_extra_column(self, column: str) -> bool:
+        """Does any item carry ``column`` among its manifest's extra columns?"""
+        with self.session() as s:
+            return s.scalar(select(Item.id).where(Item.extra[column].as_string().is_not(None)).limit(1)) is not None
+
     def status_counts(self) -> dict[str, dict[str, int]]:
         """{encoder_id: {status: count}}"""
         with self.session() as s:

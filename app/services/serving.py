@@ -398,6 +398,7 @@ class ServingService:
         live = self.live()
         if live.memory is None:
             raise LookupError("the memory is empty: ingest something first (reco ingest SOURCE)")
+        self._check_extra_filters(query.filters)
         service = SearchService(self.settings, encoder=live.encoder, memory=live.memory)
         refines = _refines(query.mode, query.query_modality)
         if not refines:
@@ -431,6 +432,15 @@ class ServingService:
                             random_weights=found.random_weights,
                             neighbours=self._with_metadata(explanation.get("neighbours", [])),
                             self_attention=explanation.get("self_attention"))
+
+    def _check_extra_filters(self, filters: dict[str, Any] | None) -> None:
+        """``extra.<column>`` must name a column some item has: an unknown one is an error, not 0 results."""
+        from app.memory.base import UnknownFilterField
+
+        for key in filters or {}:
+            if key.startswith("extra.") and not self.repo.has_extra_column(key.removeprefix("extra.")):
+                raise UnknownFilterField(f"unknown filter field {key!r}: no item has an extra column "
+                                         f"{key.removeprefix('extra.')!r}")
 
     def _with_metadata(self, neighbours: list[NeighbourOut]) -> list[NeighbourOut]:
         """Source, dataset and split from the metadata DB (one query)."""

@@ -330,3 +330,21 @@ def test_read_image_file_reads_at_most_the_cap(tmp_path: Path) -> None:
         read_image_file(good, 99)
     with pytest.raises(ImageRejected, match="not a regular file"):
         read_image_file("/dev/zero", 10)
+
+
+def test_filter_on_an_extra_column_no_item_has_is_an_error(
+    tiny_env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    folder = tmp_path / "m"
+    manifest = small_manifest(folder)
+    manifest.write_text(manifest.read_text().replace("image,caption", "image,caption,colour", 1)
+                        .replace("\n", ",red\n").replace("image,caption,colour,red", "image,caption,colour"))
+    code, out, err = reco(["ingest", str(manifest), "--json"], capsys, monkeypatch)
+    assert code == 0 and json.loads(out)["ingested"] == 4, err[-1500:]
+    for key in ("nope", "extra.nope"):
+        code, _, err = reco(["search", "--text", "a", "--filter", f"{key}=x"], capsys, monkeypatch)
+        assert_one_line(code, err, 2, "unknown filter field")
+    code, out, err = reco(["search", "--text", "a", "--filter", "extra.colour=blue", "--json"], capsys, monkeypatch)
+    assert code == 0 and json.loads(out)["results"] == [], err  # a known column: no match is 0 results
+    code, out, err = reco(["search", "--text", "a", "--filter", "extra.colour=red", "--json"], capsys, monkeypatch)
+    assert code == 0 and len(json.loads(out)["results"]) == 4, err
