@@ -114,7 +114,8 @@ def redact(text: str, extra: Iterable[str] = ()) -> str:
     secrets = {*_env_secrets(os.environ), *_extra_secrets, *extra}
     for secret in sorted((s for s in secrets if len(s) >= 3), key=len, reverse=True):
         text = text.replace(secret, _MASK)
-    text = _URL_PASSWORD.sub(lambda m: f"{m['head']}{_MASK}@" if m["password"] else m[0], text)
+    text = _URL_PASSWORD.sub(  # a password already masked (Celery writes "**") stays as it is
+        lambda m: f"{m['head']}{_MASK}@" if m["password"].strip("*") else m[0], text)
     return _KEY_VALUE.sub(lambda m: f"{m['head']}{_MASK}", text)
 
 
