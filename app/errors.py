@@ -92,8 +92,8 @@ def settings_secrets(settings: Any) -> list[str]:
     """The secret values of a Settings object (SecretStr fields, URL passwords)."""
     found: list[str] = []
     for name in SECRET_SETTINGS:
-        value = getattr(settings, name, None)
-        raw = value.get_secret_value() if hasattr(value, "get_secret_value") else value
+        value: Any = getattr(settings, name, None)
+        raw = value.get_secret_value() if value is not None and hasattr(value, "get_secret_value") else value
         if raw:
             found.append(str(raw))
     for name in URL_SETTINGS:
@@ -146,7 +146,7 @@ def install_log_redaction(logger: logging.Logger | None = None) -> None:
 # --- one line per error --------------------------------------------------------------------------------
 
 
-def settings_error_line(exc: Exception) -> str:
+def settings_error_line(exc: BaseException) -> str:
     """A pydantic ValidationError on Settings as ``RECO_X: what is wrong; …`` — never the input values."""
     errors = getattr(exc, "errors", None)
     if not callable(errors):

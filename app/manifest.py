@@ -103,11 +103,11 @@ def field_problem(
         return None
     if len(extra) > MAX_EXTRA_KEYS:
         return RejectReason.BAD_ROW, f"{len(extra)} extra columns > cap {MAX_EXTRA_KEYS}"
-    for key, value in extra.items():
+    for key, item in extra.items():
         if not key or len(key) > MAX_EXTRA_KEY_CHARS or _control_chars(key):
             return RejectReason.BAD_ROW, (f"extra column name {printable(key)[:40]!r}: empty, over "
                                           f"{MAX_EXTRA_KEY_CHARS} characters, or with control characters")
-        if isinstance(value, str) and "\x00" in value:
+        if isinstance(item, str) and "\x00" in item:
             return RejectReason.BAD_ROW, f"extra column {printable(key)!r} contains NUL"
     try:
         size = len(json.dumps(dict(extra), ensure_ascii=False).encode("utf-8", "surrogatepass"))

@@ -153,9 +153,8 @@ def make_decoder(
     settings: Settings, encoder: Encoder, pool: ThreadPoolExecutor | None = None
 ) -> Callable[[Sequence[InputRow]], list[PreparedItem | FailedInput]]:
     """Rows → decoded, preprocessed inputs, in ``pool`` (``decode_workers`` threads) when given."""
-    from app.services.ingest import FailedInput
-
     from app.imaging import PixelBudget
+    from app.services.ingest import FailedInput
 
     limits = ImageLimits.from_settings(settings)
     budget = PixelBudget(settings.ingest_max_rss_mb * 1024 * 1024 // 4)  # as in ingestion.pipeline

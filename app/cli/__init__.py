@@ -69,7 +69,7 @@ def main() -> None:
                         format="%(levelname)s %(name)s: %(message)s")
     install_log_redaction()
     try:  # typer >= 0.20 carries its own copy of click
-        from typer import _click as click  # type: ignore[attr-defined]
+        from typer import _click as click
     except ImportError:  # pragma: no cover - older typer uses click itself
         import click  # type: ignore[no-redef]
 
@@ -81,7 +81,8 @@ def main() -> None:
     except click.exceptions.ClickException as exc:  # a bad option or argument: usage, exit 2
         from app.errors import one_line, redact
 
-        where = f" (`{exc.ctx.command_path} --help`)" if getattr(exc, "ctx", None) is not None else ""
+        ctx = getattr(exc, "ctx", None)
+        where = f" (`{ctx.command_path} --help`)" if ctx is not None else ""
         typer.secho(f"error: {one_line(redact(exc.format_message()))}{where}", err=True, fg=typer.colors.RED)
         raise SystemExit(exc.exit_code) from None
     except typer.Abort:

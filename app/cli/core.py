@@ -43,8 +43,9 @@ def search(
 
     settings = load_settings()
     try:
-        request = SearchQuery(text=text, image_bytes=read_image_file(image, settings.max_image_bytes) if image else None, k=k,
-                              filters=_parse_filters(filters or []), target=target, mode=mode)
+        image_bytes = read_image_file(image, settings.max_image_bytes) if image else None  # capped, regular only
+        request = SearchQuery(text=text, image_bytes=image_bytes, k=k, filters=_parse_filters(filters or []),
+                              target=target, mode=mode)
         response = serving(settings).search(request)
     except (ValidationError, ValueError, LookupError, ImageRejected, OSError, ServerError) as exc:
         fail(str(exc))

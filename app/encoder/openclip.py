@@ -173,7 +173,8 @@ class OpenClipEncoder:
             self._weights_file = path.resolve()
             return
         if any(p.endswith(ext) for ext in (".safetensors", ".pt", ".pth", ".bin")) or "/" in p:
-            raise EncoderLoadError(f"checkpoint file not found: {p}: fix RECO_CLIP_PRETRAINED (a file, a tag, or empty)")
+            raise EncoderLoadError(
+                f"checkpoint file not found: {p}: fix RECO_CLIP_PRETRAINED (a file, a tag, or empty)")
         registered = resolve_registered_tag(self.model_name, p)
         if registered is not None:
             self._weights_file, self._weights_sha = registered

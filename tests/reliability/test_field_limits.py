@@ -49,9 +49,8 @@ def _manifest(folder: Path) -> tuple[Path, int, int]:
 
 
 def _ingest_and_check(settings: Settings, folder: Path, reliability: ReliabilitySummary, way: str) -> None:
-    from ingestion.pipeline import ingest_source
-
     from app.services.ingest import prepare_storage
+    from ingestion.pipeline import ingest_source
 
     prepare_storage(settings)
     manifest, good, bad = _manifest(folder)
@@ -101,9 +100,7 @@ def test_service_refuses_bad_fields_from_any_source(settings: Settings, tmp_path
     from PIL import Image
 
     from app.manifest import InputRow
-    from app.services.ingest import IngestService, PreparedItem
-
-    from app.services.ingest import prepare_storage
+    from app.services.ingest import IngestService, PreparedItem, prepare_storage
 
     pg = settings.model_copy(update={"database_url": postgres_url})
     prepare_storage(pg)
@@ -123,9 +120,7 @@ def test_unchecked_value_fails_only_its_row_on_postgres(settings: Settings, post
     from PIL import Image
 
     from app.manifest import InputRow
-    from app.services.ingest import IngestService, PreparedItem
-
-    from app.services.ingest import prepare_storage
+    from app.services.ingest import IngestService, PreparedItem, prepare_storage
 
     pg = settings.model_copy(update={"database_url": postgres_url})
     prepare_storage(pg)

@@ -309,8 +309,8 @@ def test_query_images_are_read_capped_from_regular_files_only(
         for command in (["search", "--image", path], ["predict", "--image", path, "--labels", "a,b",
                                                       "--mode", "clip"]):
             result: list[tuple[int, str, str]] = []
-            worker = threading.Thread(target=lambda c=command: result.append(reco(c, capsys, monkeypatch, env)),
-                                      daemon=True)
+            worker = threading.Thread(target=lambda c=command, out=result: out.append(
+                reco(c, capsys, monkeypatch, env)), daemon=True)
             worker.start()
             worker.join(60)
             assert result, f"{command[0]} --image {name} did not return within 60 s"
