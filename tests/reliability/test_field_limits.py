@@ -147,3 +147,28 @@ def test_unchecked_value_fails_only_its_row_on_postgres(settings: Settings, post
         ingest_module._new_item = original
     assert outcome.ingested == 1 and outcome.failed == 1, outcome
     assert "database refused" in (outcome.failures[0].detail or "")
+
+
+def test_field_limits_async_postgres(settings: Settings, tmp_path: Path, postgres_url: str,
+                                     tiny_encoder, reliability: ReliabilitySummary) -> None:  # type: ignore[no-untyped-def]
+    """The async path (ledger rows in PostgreSQL, an embed batch service) refuses the same rows, keeps the rest."""
+    from app.services.ingest import IngestService, prepare_storage
+    from app.services.ingest_async import EmbedBatchService
+    from app.services.ingest_ledger import IngestLedger
+    from ingestion.dispatch import dispatch_source, make_decoder
+    from tests.integration.test_workers_services import ListSender, drain
+
+    pg = settings.model_copy(update={"database_url": postgres_url})
+    prepare_storage(pg)
+    ingest = IngestService(pg, encoder=tiny_encoder)
+    service = EmbedBatchService(ingest, make_decoder(pg, ingest.encoder))
+    manifest, good, bad = _manifest(tmp_path / "m")
+    sender = ListSender()
+    summary = dispatch_source(manifest, pg, sender, progress=False)
+    assert summary["submitted"] == good + bad, summary
+    drain(service, sender.sent)
+    states = IngestLedger(ingest.repo).task_states(summary["job_id"])
+    assert states == {"embedded": good, "failed": bad}, states
+    assert ingest.memory.count() == good
+    reliability.scenario("field limits, jsonl, PostgreSQL, async", submitted=good + bad, embedded=good, failed=bad,
+                         lost=0, duplicated=0)
