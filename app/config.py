@@ -183,6 +183,13 @@ class Settings(BaseSettings):
         default=False, description="The UI sends predictions and searches to the refine worker and ingestion to "
         "the embed workers (Celery, RECO_BROKER_URL) instead of running them in its own process.")
 
+    def __repr_args__(self):  # type: ignore[no-untyped-def]
+        """repr(settings) never shows a password inside a URL setting (SecretStr fields mask themselves)."""
+        from app.errors import URL_SETTINGS, redact
+
+        for name, value in super().__repr_args__():
+            yield name, redact(value) if name in URL_SETTINGS and isinstance(value, str) else value
+
     @field_validator("database_url", "qdrant_url", "api_url", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:

@@ -348,3 +348,14 @@ def test_filter_on_an_extra_column_no_item_has_is_an_error(
     assert code == 0 and json.loads(out)["results"] == [], err  # a known column: no match is 0 results
     code, out, err = reco(["search", "--text", "a", "--filter", "extra.colour=red", "--json"], capsys, monkeypatch)
     assert code == 0 and len(json.loads(out)["results"]) == 4, err
+
+
+def test_repr_of_the_settings_shows_no_secret() -> None:
+    from app.config import Settings
+
+    settings = Settings(broker_url="redis://:broker-pw-s3cr3t@h:6379/0", qdrant_api_key="qdrant-key-s3cr3t",
+                        database_url="postgresql+psycopg://u:db-pw-s3cr3t@h/db", api_key="api-key-s3cr3t",
+                        result_backend="redis://:backend-pw-s3cr3t@h/1")
+    for text in (repr(settings), str(settings)):
+        assert not any(secret in text for secret in SECRET_VALUES), text
+    assert settings.broker_url.endswith("broker-pw-s3cr3t@h:6379/0")  # the value itself is intact
