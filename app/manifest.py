@@ -36,6 +36,7 @@ MAX_EXTRA_KEYS = 64
 MAX_EXTRA_KEY_CHARS = 64
 MAX_EXTRA_BYTES = 16 * 1024  # the extra columns of one row, as JSON
 MAX_SOURCE_CHARS = 4096
+MAX_CLASSES_FILE_BYTES = 16 * 1024 * 1024
 _URI_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 _BOM = b"\xef\xbb\xbf"
 
@@ -165,8 +166,16 @@ def _confine(base: Path, ref: str, roots: tuple[str, ...], parents: dict[str, st
 
 def load_classes(path: Path) -> list[str]:
     """``classes.txt``: line i is the name of label i. Trailing blank lines are ignored."""
+    import stat as stat_module
+
     try:
-        text = path.read_bytes().removeprefix(_BOM).decode("utf-8")
+        info = os.stat(path)
+        if not stat_module.S_ISREG(info.st_mode):  # /dev/zero, a FIFO: refused before a byte is read
+            raise ManifestError(f"{printable(str(path))} is not a regular file: give a classes.txt file")
+        if info.st_size > MAX_CLASSES_FILE_BYTES:
+            raise ManifestError(f"{printable(str(path))} is {info.st_size} bytes > cap {MAX_CLASSES_FILE_BYTES}")
+        with open(path, "rb") as fh:
+            text = fh.read(MAX_CLASSES_FILE_BYTES + 1).removeprefix(_BOM).decode("utf-8")
     except OSError as exc:
         raise ManifestError(f"cannot read {printable(str(path))}: {exc}") from exc
     except UnicodeDecodeError as exc:

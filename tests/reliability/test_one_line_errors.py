@@ -359,3 +359,13 @@ def test_repr_of_the_settings_shows_no_secret() -> None:
     for text in (repr(settings), str(settings)):
         assert not any(secret in text for secret in SECRET_VALUES), text
     assert settings.broker_url.endswith("broker-pw-s3cr3t@h:6379/0")  # the value itself is intact
+
+
+def test_classes_file_that_is_a_device_or_fifo_is_refused_at_once(tmp_path: Path) -> None:
+    from app.manifest import ManifestError, load_classes
+
+    fifo = tmp_path / "classes.txt"
+    os.mkfifo(fifo)
+    for path in (Path("/dev/zero"), fifo, tmp_path):
+        with pytest.raises(ManifestError, match="not a regular file"):
+            load_classes(path)
