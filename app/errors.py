@@ -29,7 +29,8 @@ SECRET_SETTINGS = ("qdrant_api_key", "api_key")
 URL_SETTINGS = ("database_url", "broker_url", "result_backend", "qdrant_url", "api_url")
 _MASK = "***"
 _URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@]*:)(?P<password>[^\s@/]*)@")
-_KEY_VALUE = re.compile(r"(?i)(?P<head>(?:api[_-]?key|password|passwd|secret|token)\s*[=:]\s*['\"]?)"
+# "api_key=…", "password: …" — a key word standing on its own (not "/etc/passwd: …" or "secret_santa.png").
+_KEY_VALUE = re.compile(r"(?i)(?<![\w/.\-])(?P<head>(?:api[_-]?key|password|secret|token)\s*[=:]\s*['\"]?)"
                         r"(?P<value>[^\s'\",}&]+)")
 
 
@@ -40,6 +41,7 @@ KNOWN_ERRORS = {
     "CheckpointError": USAGE, "ManifestError": USAGE, "SourceError": USAGE, "ImageRejected": USAGE,
     "FileRejected": USAGE, "UploadRejected": USAGE, "MethodError": ENVIRONMENT, "ServerError": ENVIRONMENT,
     "BenchError": ENVIRONMENT, "ServerLaunchError": ENVIRONMENT,
+    "CommandError": USAGE,  # alembic: an unknown revision
 }
 
 
@@ -146,8 +148,9 @@ def install_log_redaction(logger: logging.Logger | None = None) -> None:
 # --- one line per error --------------------------------------------------------------------------------
 
 
-def settings_error_line(exc: BaseException) -> str:
-    """A pydantic ValidationError on Settings as ``RECO_X: what is wrong; …`` — never the input values."""
+def settings_error_line(exc: BaseException, *, options: bool = False) -> str:
+    """A pydantic ValidationError as ``RECO_X: what is wrong; …`` (``options``: ``--x: …``, for a command's
+    own input) — never the input values (a secret may be among them)."""
     errors = getattr(exc, "errors", None)
     if not callable(errors):
         return redact(str(exc))
@@ -155,8 +158,11 @@ def settings_error_line(exc: BaseException) -> str:
     for err in errors(include_input=False, include_url=False, include_context=False):
         loc = [str(p) for p in err.get("loc", ()) if not isinstance(p, int)]
         msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
-        name = f"RECO_{loc[0].upper()}" if loc else ""
-        parts.append(f"{name}: {msg}" if name else msg)
+        if not loc:
+            parts.append(msg)
+            continue
+        name = f"--{loc[0].replace('_', '-')}" if options else f"RECO_{loc[0].upper()}"
+        parts.append(f"{name}: {msg}")
     return redact("; ".join(parts) or "invalid value")
 
 
@@ -181,7 +187,7 @@ def _classify(exc: BaseException, data_dir: Any) -> tuple[str, int]:  # noqa: C9
         title = getattr(exc, "title", "")
         if title in ("Settings", "SettingsConfigDict") or "Settings" in str(title):
             return f"invalid settings: {settings_error_line(exc)} (fix the RECO_* environment variable)", USAGE
-        return f"invalid input: {settings_error_line(exc)}", USAGE
+        return f"invalid input: {settings_error_line(exc, options=True)}", USAGE
     memory_error = _first(chain, "MemoryStoreError")
     if memory_error is not None:
         return str(memory_error), USAGE

@@ -61,7 +61,7 @@ def ingest(
     try:
         summary = ingest_source(source_path, settings, limit=limit, split=split, progress=not as_json)
     except (SourceError, ManifestError) as exc:  # the source as a whole is unusable (no 'image' column, ...)
-        fail(str(exc))
+        fail(exc)
     _print_summary(summary, as_json)
 
 

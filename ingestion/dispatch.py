@@ -222,7 +222,7 @@ def run_async_cli(source: Path | None, watch_dir: Path | None, *, limit: int | N
             ledger = IngestLedger.from_url(settings.resolved_database_url)
             summary = wait_for_job(ledger, summary["job_id"]) | {"submitted": summary["submitted"]}
     except (SourceError, ManifestError) as exc:
-        fail(str(exc))
+        fail(exc)
     keys = ("job_id", "submitted", "seen", "ingested", "duplicates", "failed", "status")
     if as_json:
         print_json({k: summary.get(k) for k in keys})

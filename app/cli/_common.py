@@ -45,9 +45,14 @@ def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=None, default=str) + "\n")
 
 
-def fail(message: str, code: int = 2) -> NoReturn:
-    """One line on stderr (secrets redacted, newlines folded), then exit ``code`` (2 usage, 1 environment)."""
-    from app.errors import one_line, redact
+def fail(message: str | BaseException, code: int = 2) -> NoReturn:
+    """One line on stderr (secrets redacted, newlines folded), then exit ``code`` (2 usage, 1 environment).
 
+    An exception may be given: a pydantic ValidationError then reads ``--option: what is wrong``."""
+    from app.errors import one_line, redact, settings_error_line
+
+    if isinstance(message, BaseException):
+        is_validation = type(message).__name__ == "ValidationError" and callable(getattr(message, "errors", None))
+        message = f"invalid input: {settings_error_line(message, options=True)}" if is_validation else str(message)
     typer.secho(f"error: {one_line(redact(message))}", err=True, fg=typer.colors.RED)
     raise typer.Exit(code)

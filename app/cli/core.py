@@ -48,7 +48,7 @@ def search(
                               target=target, mode=mode)
         response = serving(settings).search(request)
     except (ValidationError, ValueError, LookupError, ImageRejected, OSError, ServerError) as exc:
-        fail(str(exc))
+        fail(exc)
     if response.reco_unavailable and mode != "clip":
         typer.secho(f"RECO unavailable, CLIP results: {response.reco_unavailable}", err=True, fg="yellow")
     if as_json:

@@ -94,6 +94,9 @@ def test_usage_errors_are_one_line_exit_2(tiny_env: Path, tmp_path: Path, capsys
         "empty SOURCE": (["ingest", ""], ("empty",)),
         "unknown job id": (["ingest", "--report", "--job", "99"], ("no ingest job 99",)),
         "search --image a folder": (["search", "--image", str(tmp_path)], ("folder",)),
+        "unknown --mode": (["search", "--text", "x", "--mode", "weird"], ("--mode",)),
+        "unknown revision": (["db", "downgrade", "zzz"], ("zzz",)),
+        "not a source": (["ingest", "/etc/passwd"], ("/etc/passwd: unknown type",)),
     }
     for name, (args, needles) in cases.items():
         code, _, err = reco(args, capsys, monkeypatch)
@@ -237,6 +240,7 @@ def test_log_lines_never_carry_a_secret(tiny_env: Path) -> None:
     assert "s3cr3t" not in record.getMessage(), record.getMessage()
     assert "s3cr3t" not in redact("api_key=api-key-s3cr3t and amqp://guest:other-pass@h//")
     assert "other-pass" not in redact("amqp://guest:other-pass@h//")
+    assert redact("/etc/passwd: unknown type, secret_santa.png") == "/etc/passwd: unknown type, secret_santa.png"
 
 
 @pytest.mark.parametrize("caption", ["\u200b\u200b", "\u202e", "\u200e\u200f \u2066\u2069", "\ufeff", "\u3164",
