@@ -61,6 +61,10 @@ def serve(settings: Settings, *, host: str, port: int, on_ready: Any = None) -> 
                                 last_activity=lambda: service.last_request).start()
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off",
                             timeout_graceful_shutdown=10)
+    from app.errors import install_log_redaction
+
+    for name in ("", "uvicorn", "uvicorn.error", "uvicorn.access"):  # uvicorn's handlers exist once configured
+        install_log_redaction(logging.getLogger(name) if name else None)
     server = uvicorn.Server(config)
 
     def announce_when_listening() -> None:

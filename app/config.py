@@ -114,6 +114,10 @@ class Settings(BaseSettings):
     )
     allow_url_sources: bool = Field(default=False, description="Manifest rows with http(s) URIs.")
     ingest_batch_size: int = Field(default=64, ge=1)
+    ingest_max_rss_mb: int = Field(
+        default=2048, ge=256, description="Peak memory an ingestion aims to stay under: images are downscaled "
+        "right after decoding, a quarter of this bounds the decoded pixels in flight across decode threads, "
+        "another quarter the pixels a batch holds (batches are cut by bytes as well as by rows).")
 
     # --- RECO method (paper defaults) -----------------------------------------------------------
     fusion_config: str = Field(default="reco-fusion-b", description="Name of a JSON in app/fusion/configs.")
@@ -178,6 +182,13 @@ class Settings(BaseSettings):
     ui_use_workers: bool = Field(
         default=False, description="The UI sends predictions and searches to the refine worker and ingestion to "
         "the embed workers (Celery, RECO_BROKER_URL) instead of running them in its own process.")
+
+    def __repr_args__(self):  # type: ignore[no-untyped-def]
+        """repr(settings) never shows a password inside a URL setting (SecretStr fields mask themselves)."""
+        from app.errors import URL_SETTINGS, redact
+
+        for name, value in super().__repr_args__():
+            yield name, redact(value) if name in URL_SETTINGS and isinstance(value, str) else value
 
     @field_validator("database_url", "qdrant_url", "api_url", mode="before")
     @classmethod

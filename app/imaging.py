@@ -6,8 +6,14 @@ uploads in the UI, ``reco predict``/``search --image`` and the refine worker.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import stat
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -42,6 +48,41 @@ class ImageLimits:
         )
 
 
+class PixelBudget:
+    """Bytes of decoded pixels allowed in flight at once, across the threads that decode.
+
+    A decode reserves its estimate (width x height x bands x 2: the decoded buffer and one conversion) before
+    its pixels are loaded and gives it back once they are downscaled; a decode that does not fit waits for
+    others to finish — except when nothing else is in flight, so one image larger than the budget still
+    decodes (alone). Peak memory then grows with the budget, not with the batch or the image.
+    """
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit = max(1, int(limit_bytes))
+        self.used = 0
+        self.peak = 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, nbytes: int) -> Iterator[None]:
+        with self._cond:
+            while self.used and self.used + nbytes > self.limit:
+                self._cond.wait()
+            self.used += nbytes
+            self.peak = max(self.peak, self.used)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= nbytes
+                self._cond.notify_all()
+
+
+def decoded_bytes(image: Image.Image) -> int:
+    """What decoding ``image`` (at its current, possibly drafted, size) costs: buffer plus one conversion."""
+    return image.width * image.height * max(1, len(image.getbands())) * 2
+
+
 class ImageRejected(Exception):
     def __init__(self, reason: RejectReason, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
@@ -49,8 +90,57 @@ class ImageRejected(Exception):
         self.detail = detail
 
 
-def open_image_safely(data: bytes, limits: ImageLimits | None = None) -> Image.Image:
+def read_image_file(path: str | Path, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``, else :class:`ImageRejected` (never blocks).
+
+    For query images (``reco search --image``, ``reco predict --image``) and re-reads of stored items: the
+    path is stat-ed before it is opened, so a FIFO, a device (``/dev/zero``) or a folder is refused without
+    a read; the descriptor is stat-ed again, and at most ``max_bytes + 1`` bytes are ever read.
+    """
+    shown = str(path)
+    try:
+        _require_regular(os.stat(path), max_bytes, shown)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0))
+    except FileNotFoundError as exc:
+        raise ImageRejected(RejectReason.MISSING, f"{shown}: no such file") from exc
+    except OSError as exc:
+        raise ImageRejected(RejectReason.MISSING, f"{shown}: unreadable ({exc.strerror or exc})") from exc
+    with os.fdopen(fd, "rb", buffering=0) as handle:
+        _require_regular(os.fstat(handle.fileno()), max_bytes, shown)
+        chunks: list[bytes] = []
+        total = 0
+        while total <= max_bytes:
+            chunk = handle.read(min(1 << 20, max_bytes + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+    if total > max_bytes:
+        raise ImageRejected(RejectReason.TOO_LARGE, f"{shown} grew past the cap of {max_bytes} bytes while read")
+    return b"".join(chunks)
+
+
+def _require_regular(info: os.stat_result, max_bytes: int, shown: str) -> None:
+    if stat.S_ISDIR(info.st_mode):
+        raise ImageRejected(RejectReason.NOT_AN_IMAGE, f"{shown} is a folder, not an image file")
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageRejected(RejectReason.NOT_AN_IMAGE,
+                            f"{shown} is not a regular file (a device, FIFO or socket): give an image file")
+    if info.st_size > max_bytes:
+        raise ImageRejected(RejectReason.TOO_LARGE,
+                            f"{shown} is {info.st_size} bytes > cap {max_bytes} (RECO_MAX_IMAGE_BYTES)")
+
+
+def open_image_safely(
+    data: bytes, limits: ImageLimits | None = None, *, fit: int | None = None, budget: PixelBudget | None = None,
+) -> Image.Image:
     """Decode ``data`` fully, first frame only, EXIF-rotated upright, converted to RGB.
+
+    ``fit``: the side the encoder needs (its input size). Then the image is made small right after decoding —
+    JPEG decoded at a reduced scale (draft mode), any other format reduced by an integer factor — so its
+    shorter side stays at least ``2 * fit`` (the encoder resizes from there; quality is unchanged in practice)
+    and a 40-Mpx image costs a few hundred KB once decoded instead of 120 MB. The original size is kept in
+    ``image.info["original_size"]``. ``budget``: decoded bytes in flight across threads (:class:`PixelBudget`).
 
     Raises :class:`ImageRejected` with one :class:`RejectReason` for anything unusable.
     """
@@ -62,27 +152,62 @@ def open_image_safely(data: bytes, limits: ImageLimits | None = None) -> Image.I
     image = _open_header(data, limits)
     try:
         _check_geometry(image, limits)
-        try:
-            image.seek(0)  # animated GIF/WebP: the first frame stands for the file
-            image.load()
-        except Image.DecompressionBombError as exc:
-            raise ImageRejected(RejectReason.DECOMPRESSION_BOMB, str(exc)) from exc
-        except OSError as exc:
-            if "truncated" in str(exc).lower() or _cut_short(data):
-                raise ImageRejected(RejectReason.TRUNCATED, str(exc)) from exc
-            raise ImageRejected(RejectReason.CORRUPT, str(exc)) from exc
-        except Exception as exc:  # noqa: BLE001 - decoders raise anything on hostile input; all of it is "corrupt"
-            raise ImageRejected(RejectReason.CORRUPT, f"{type(exc).__name__}: {exc}") from exc
-        try:
-            upright = ImageOps.exif_transpose(image) or image
-        except Exception:  # noqa: BLE001 - a broken EXIF block must not lose an otherwise good image
-            upright = image
-        try:
-            return to_rgb(upright)
-        except Exception as exc:  # noqa: BLE001 - an exotic mode Pillow cannot convert
-            raise ImageRejected(RejectReason.UNSUPPORTED, f"mode {upright.mode}: {type(exc).__name__}: {exc}") from exc
+        original = image.size
+        if fit and image.format == "JPEG" and min(image.size) >= 4 * fit:
+            with contextlib.suppress(Exception):  # draft is an optimisation: a decoder without it loads in full
+                image.draft(image.mode, (2 * fit, 2 * fit))
+        with budget.hold(decoded_bytes(image)) if budget is not None else contextlib.nullcontext():
+            out = _decode_upright_rgb(image, data, fit)
+        out.info["original_size"] = original
+        return out
     finally:
         image.close()
+
+
+def _decode_upright_rgb(image: Image.Image, data: bytes, fit: int | None) -> Image.Image:
+    try:
+        image.seek(0)  # animated GIF/WebP: the first frame stands for the file
+        image.load()
+    except Image.DecompressionBombError as exc:
+        raise ImageRejected(RejectReason.DECOMPRESSION_BOMB, str(exc)) from exc
+    except OSError as exc:
+        if "truncated" in str(exc).lower() or _cut_short(data):
+            raise ImageRejected(RejectReason.TRUNCATED, str(exc)) from exc
+        raise ImageRejected(RejectReason.CORRUPT, str(exc)) from exc
+    except Exception as exc:  # noqa: BLE001 - decoders raise anything on hostile input; all of it is "corrupt"
+        raise ImageRejected(RejectReason.CORRUPT, f"{type(exc).__name__}: {exc}") from exc
+    small = shrink(image, fit)
+    try:
+        upright = ImageOps.exif_transpose(small) or small
+    except Exception:  # noqa: BLE001 - a broken EXIF block must not lose an otherwise good image
+        upright = small
+    try:
+        return to_rgb(upright)
+    except Exception as exc:  # noqa: BLE001 - an exotic mode Pillow cannot convert
+        raise ImageRejected(RejectReason.UNSUPPORTED, f"mode {upright.mode}: {type(exc).__name__}: {exc}") from exc
+
+
+def shrink(image: Image.Image, fit: int | None) -> Image.Image:
+    """``image`` reduced by the largest integer factor that keeps its shorter side >= ``2 * fit`` (or itself).
+
+    ``Image.reduce`` is a box filter over the loaded buffer (no resampling kernel, no float copy); modes it
+    does not handle (palette, 16-bit) are converted to RGB first. The EXIF block travels with the image.
+    """
+    if not fit:
+        return image
+    factor = min(image.size) // (2 * fit)
+    if factor < 2:
+        return image
+    try:
+        small = image.reduce(factor)
+    except (ValueError, NotImplementedError):
+        small = to_rgb(image).reduce(factor)
+    exif = image.info.get("exif") or (image.getexif().tobytes() if image.getexif() else None)
+    if exif:
+        small.info["exif"] = exif
+        with contextlib.suppress(Exception):
+            small.getexif().load(exif)  # exif_transpose reads the orientation from getexif()
+    return small
 
 
 def _open_header(data: bytes, limits: ImageLimits) -> Image.Image:

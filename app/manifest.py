@@ -28,6 +28,15 @@ KNOWN_COLUMNS = ("image", "caption", "label", "split", "dataset")
 # A quoted CSV field may span lines (captions with newlines); a quote still open this many lines later is
 # taken to be a stray quote on its first line rather than a very long caption.
 MAX_RECORD_LINES = 256
+# Limits every row's fields meet before any database sees them: the same on SQLite and PostgreSQL (the
+# column sizes of app/db/models.py; PostgreSQL refuses NUL in any text, SQLite would store it).
+MAX_DATASET_CHARS = 128
+MAX_SPLIT_CHARS = 32
+MAX_EXTRA_KEYS = 64
+MAX_EXTRA_KEY_CHARS = 64
+MAX_EXTRA_BYTES = 16 * 1024  # the extra columns of one row, as JSON
+MAX_SOURCE_CHARS = 4096
+MAX_CLASSES_FILE_BYTES = 16 * 1024 * 1024
 _URI_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 _BOM = b"\xef\xbb\xbf"
 
@@ -73,6 +82,49 @@ def printable(text: str) -> str:
     return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
+def _control_chars(text: str) -> bool:
+    return any(ord(ch) < 32 or ord(ch) == 127 for ch in text)
+
+
+def field_problem(
+    *, dataset: str | None, split: str | None, extra: Mapping[str, object] | None = None,
+) -> Problem | None:
+    """Why a row's metadata cannot be stored (too long, NUL or control characters, too much extra), or None.
+
+    Applied to every row, whatever its source, before the database: the same limits on SQLite and PostgreSQL.
+    """
+    for name, value, cap in (("dataset", dataset, MAX_DATASET_CHARS), ("split", split, MAX_SPLIT_CHARS)):
+        if value is None:
+            continue
+        if "\x00" in value or _control_chars(value):
+            return RejectReason.BAD_ROW, f"{name} contains NUL or control characters: {printable(value)[:80]}"
+        if len(value) > cap:
+            return RejectReason.BAD_ROW, f"{name} is {len(value)} characters > cap {cap}: {printable(value)[:40]}…"
+    if not extra:
+        return None
+    if len(extra) > MAX_EXTRA_KEYS:
+        return RejectReason.BAD_ROW, f"{len(extra)} extra columns > cap {MAX_EXTRA_KEYS}"
+    for key, item in extra.items():
+        if not key or len(key) > MAX_EXTRA_KEY_CHARS or _control_chars(key):
+            return RejectReason.BAD_ROW, (f"extra column name {printable(key)[:40]!r}: empty, over "
+                                          f"{MAX_EXTRA_KEY_CHARS} characters, or with control characters")
+        if isinstance(item, str) and "\x00" in item:
+            return RejectReason.BAD_ROW, f"extra column {printable(key)!r} contains NUL"
+    try:
+        size = len(json.dumps(dict(extra), ensure_ascii=False).encode("utf-8", "surrogatepass"))
+    except (TypeError, ValueError) as exc:
+        return RejectReason.BAD_ROW, f"extra columns are not JSON: {exc}"
+    if size > MAX_EXTRA_BYTES or "\\u0000" in json.dumps(dict(extra)):
+        return RejectReason.BAD_ROW, (f"extra columns are {size} bytes of JSON > cap {MAX_EXTRA_BYTES}"
+                                      if size > MAX_EXTRA_BYTES else "extra columns contain NUL")
+    return None
+
+
+def default_dataset_name(name: str) -> str:
+    """A folder's name as a dataset name: printable, within the cap (a long folder name is cut, not refused)."""
+    return printable(name)[:MAX_DATASET_CHARS]
+
+
 def resolve_confined(base: Path, ref: str, allowed_roots: Sequence[Path] = ()) -> Path:
     """Resolve ``ref`` (relative to ``base`` unless absolute) and require it inside ``base`` or a root.
 
@@ -114,8 +166,16 @@ def _confine(base: Path, ref: str, roots: tuple[str, ...], parents: dict[str, st
 
 def load_classes(path: Path) -> list[str]:
     """``classes.txt``: line i is the name of label i. Trailing blank lines are ignored."""
+    import stat as stat_module
+
     try:
-        text = path.read_bytes().removeprefix(_BOM).decode("utf-8")
+        info = os.stat(path)
+        if not stat_module.S_ISREG(info.st_mode):  # /dev/zero, a FIFO: refused before a byte is read
+            raise ManifestError(f"{printable(str(path))} is not a regular file: give a classes.txt file")
+        if info.st_size > MAX_CLASSES_FILE_BYTES:
+            raise ManifestError(f"{printable(str(path))} is {info.st_size} bytes > cap {MAX_CLASSES_FILE_BYTES}")
+        with open(path, "rb") as fh:
+            text = fh.read(MAX_CLASSES_FILE_BYTES + 1).removeprefix(_BOM).decode("utf-8")
     except OSError as exc:
         raise ManifestError(f"cannot read {printable(str(path))}: {exc}") from exc
     except UnicodeDecodeError as exc:
@@ -167,7 +227,7 @@ def read_manifest(
         roots=_resolve_roots(base, allowed_roots),
         allow_urls=allow_urls,
         dataset=dataset,
-        default_dataset=printable(base.resolve().name),
+        default_dataset=default_dataset_name(base.resolve().name),
     )
     return _iter_csv(path, ctx) if suffix == ".csv" else _iter_json(path, ctx)
 
@@ -324,6 +384,10 @@ def _row_from_mapping(values: Mapping[str, object], source: str, ctx: _Context) 
     extra = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in values.items() if k not in KNOWN_COLUMNS}
     image = values.get("image")
     problem = caption_problem or split_problem or dataset_problem or label_problem
+    if problem is None:  # lengths, NUL, extra size: refused here, before a database could choke on them
+        problem = field_problem(dataset=ctx.dataset or row_dataset or None, split=split or None, extra=extra)
+        if problem is not None:
+            return ctx.failed(source, *problem)
     if problem is None and (not isinstance(image, str) or not image.strip()):
         problem = (RejectReason.BAD_ROW, "no image path" if not image else f"image is a {type(image).__name__}")
     if problem is None and not _all_utf8([str(image), caption, split, row_dataset, *extra, *extra.values()]):

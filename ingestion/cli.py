@@ -11,22 +11,28 @@ from app.cli._common import fail, load_settings, print_json
 
 
 def ingest(
-    source: Annotated[Path | None, typer.Argument(help="A folder of images or a CSV/JSONL manifest.")] = None,
-    limit: Annotated[int | None, typer.Option(help="Ingest at most N rows.")] = None,
+    source: Annotated[str | None, typer.Argument(help="A folder of images or a CSV/JSONL manifest.")] = None,
+    limit: Annotated[int | None, typer.Option(min=0, help="Ingest at most N rows.")] = None,
     split: Annotated[str | None, typer.Option(help="Only rows of this split (train/val/test).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object at the end.")] = False,
     report: Annotated[bool, typer.Option("--report", help="Show the failures of a job instead.")] = False,
-    job: Annotated[int | None, typer.Option(help="Job id for --report (default: the latest).")] = None,
+    job: Annotated[int | None, typer.Option(min=1, help="Job id for --report (default: the latest).")] = None,
     enqueue: Annotated[bool, typer.Option("--async", help="Enqueue for the embed workers instead.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="With --async: return when every row is done.")] = False,
     watch: Annotated[Path | None, typer.Option("--watch", help="Keep submitting new files/rows of DIR.")] = None,
     once: Annotated[bool, typer.Option("--once", help="With --watch: one scan, then exit.")] = False,
 ) -> None:
     """Ingest image-text pairs into the memory (in this process, or --async / --watch through the workers)."""
+    if source is not None and not source.strip():
+        # Path("") is ".": an empty argument (an unset shell variable) must not ingest the current folder
+        fail("SOURCE is empty: give a folder or a manifest (use . for the current folder)")
+    source_path = Path(source) if source is not None else None
+    if watch is not None and not str(watch).strip():
+        fail("--watch needs a folder")
     if enqueue or watch is not None:
         from ingestion.dispatch import run_async_cli
 
-        run_async_cli(source, watch, limit=limit, wait=wait, once=once, as_json=as_json)
+        run_async_cli(source_path, watch, limit=limit, wait=wait, once=once, as_json=as_json)
         return
     from app.db.repo import MetadataRepo
     from app.manifest import ManifestError
@@ -41,15 +47,21 @@ def ingest(
         latest = repo.latest_job() if job is None else None
         job_id = job or (latest.id if latest is not None else None)
         if job_id is None:
-            fail("no ingest job yet")
-        _print_summary(job_summary(repo, job_id), as_json)
+            fail("no ingest job yet: run `reco ingest SOURCE` first")
+        try:
+            summary = job_summary(repo, job_id)
+        except KeyError:
+            latest = repo.latest_job()
+            fail(f"no ingest job {job_id}" + (f" (the latest is {latest.id})" if latest is not None else
+                                              " (none yet)") + ": give an existing --job, or leave it out")
+        _print_summary(summary, as_json)
         return
-    if source is None:
+    if source_path is None:
         fail("give a SOURCE (folder or manifest), or --report")
     try:
-        summary = ingest_source(source, settings, limit=limit, split=split, progress=not as_json)
+        summary = ingest_source(source_path, settings, limit=limit, split=split, progress=not as_json)
     except (SourceError, ManifestError) as exc:  # the source as a whole is unusable (no 'image' column, ...)
-        fail(str(exc))
+        fail(exc)
     _print_summary(summary, as_json)
 
 

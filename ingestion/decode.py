@@ -23,7 +23,7 @@ from typing import IO
 
 from PIL import Image
 
-from app.imaging import ImageLimits, ImageRejected, open_image_safely
+from app.imaging import ImageLimits, ImageRejected, PixelBudget, open_image_safely
 from app.manifest import InputRow
 from app.schemas import RejectReason
 
@@ -128,15 +128,21 @@ def fetch_url(url: str, max_bytes: int, timeout_s: float = URL_TIMEOUT_S) -> byt
     return data
 
 
-def decode_row(row: InputRow, limits: ImageLimits) -> Decoded | Rejected:
-    """Decode one row. Never raises: every failure, expected or not, comes back as :class:`Rejected`."""
+def decode_row(
+    row: InputRow, limits: ImageLimits, *, fit: int | None = None, budget: PixelBudget | None = None,
+) -> Decoded | Rejected:
+    """Decode one row. Never raises: every failure, expected or not, comes back as :class:`Rejected`.
+
+    ``fit``/``budget``: downscale right after decoding, bound decoded bytes in flight (``open_image_safely``).
+    """
     try:
-        return _decode(row, limits)
+        return _decode(row, limits, fit, budget)
     except Exception as exc:  # noqa: BLE001 - the contract is "a reason per item", whatever Pillow or the OS threw
         return Rejected(str(getattr(row, "source", "?")), RejectReason.CORRUPT, f"{type(exc).__name__}: {exc}")
 
 
-def _decode(row: InputRow, limits: ImageLimits) -> Decoded | Rejected:
+def _decode(row: InputRow, limits: ImageLimits, fit: int | None = None,
+            budget: PixelBudget | None = None) -> Decoded | Rejected:
     if row.problem is not None:
         reason, detail = row.problem
         return Rejected(row.source, reason, detail)
@@ -147,7 +153,7 @@ def _decode(row: InputRow, limits: ImageLimits) -> Decoded | Rejected:
             data = fetch_url(row.url, limits.max_bytes)
         else:
             return Rejected(row.source, RejectReason.BAD_ROW, "row has neither a path nor a URL")
-        image = open_image_safely(data, limits)
+        image = open_image_safely(data, limits, fit=fit, budget=budget)
     except (FileRejected, ImageRejected) as exc:
         return Rejected(row.source, exc.reason, exc.detail)
     return Decoded(row=row, image=image, image_hash=hashlib.sha256(data).hexdigest(), size_bytes=len(data))

@@ -153,12 +153,15 @@ def make_decoder(
     settings: Settings, encoder: Encoder, pool: ThreadPoolExecutor | None = None
 ) -> Callable[[Sequence[InputRow]], list[PreparedItem | FailedInput]]:
     """Rows → decoded, preprocessed inputs, in ``pool`` (``decode_workers`` threads) when given."""
+    from app.imaging import PixelBudget
     from app.services.ingest import FailedInput
 
     limits = ImageLimits.from_settings(settings)
+    budget = PixelBudget(settings.ingest_max_rss_mb * 1024 * 1024 // 4)  # as in ingestion.pipeline
+    fit = getattr(encoder, "image_size", None)
 
     def one(row: InputRow) -> PreparedItem | FailedInput:
-        outcome = decode_row(row, limits)
+        outcome = decode_row(row, limits, fit=fit, budget=budget)  # downscaled right after decoding
         if isinstance(outcome, Rejected):
             return FailedInput(outcome.source, outcome.reason, outcome.detail)
         return _prepared(outcome, encoder)
@@ -180,8 +183,9 @@ def _prepared(decoded: Decoded, encoder: Encoder) -> PreparedItem | FailedInput:
         from app.schemas import RejectReason
 
         return FailedInput(decoded.source, RejectReason.CORRUPT, f"preprocess: {type(exc).__name__}: {exc}")
+    width, height = decoded.image.info.get("original_size", decoded.image.size)
     return PreparedItem(row=decoded.row, image_hash=decoded.image_hash, size_bytes=decoded.size_bytes,
-                        pixels=pixels, width=decoded.image.width, height=decoded.image.height)
+                        pixels=pixels, width=width, height=height)
 
 
 def run_async_cli(source: Path | None, watch_dir: Path | None, *, limit: int | None, wait: bool, once: bool,
@@ -218,7 +222,7 @@ def run_async_cli(source: Path | None, watch_dir: Path | None, *, limit: int | N
             ledger = IngestLedger.from_url(settings.resolved_database_url)
             summary = wait_for_job(ledger, summary["job_id"]) | {"submitted": summary["submitted"]}
     except (SourceError, ManifestError) as exc:
-        fail(str(exc))
+        fail(exc)
     keys = ("job_id", "submitted", "seen", "ingested", "duplicates", "failed", "status")
     if as_json:
         print_json({k: summary.get(k) for k in keys})

@@ -15,11 +15,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from app.config import Settings
-from app.imaging import ImageLimits
+from app.imaging import ImageLimits, PixelBudget
 from app.manifest import InputRow
 from app.schemas import JobStatus, RejectReason
 from app.services.ingest import BatchOutcome, FailedInput, IngestService, PreparedItem, job_summary
-from ingestion.decode import Decoded, Rejected, decode_rows
+from ingestion.decode import Decoded, Rejected, decode_row
 from ingestion.sources import iter_source, source_kind
 
 log = logging.getLogger(__name__)
@@ -47,9 +47,10 @@ def to_service_input(
         pixels = preprocess(image) if first is None and preprocess is not None else None
     except Exception as exc:  # noqa: BLE001 - one odd image must not stop the batch
         return FailedInput(outcome.source, RejectReason.UNSUPPORTED, f"preprocess failed: {exc}")
+    width, height = image.info.get("original_size", image.size)  # before the downscale after decoding
     return PreparedItem(row=outcome.row, image_hash=outcome.image_hash, size_bytes=outcome.size_bytes,
                         image=image if first is None and pixels is None else None, pixels=pixels,
-                        pixels_uint8=first, width=image.width, height=image.height)
+                        pixels_uint8=first, width=width, height=height)
 
 
 def batched(rows: Iterator[InputRow], size: int) -> Iterator[list[InputRow]]:
@@ -57,28 +58,77 @@ def batched(rows: Iterator[InputRow], size: int) -> Iterator[list[InputRow]]:
         yield chunk
 
 
+MB = 1024 * 1024
+
+
+def pixel_budget_bytes(settings: Settings) -> int:
+    """Decoded pixels in flight across the decode threads: a quarter of RECO_INGEST_MAX_RSS_MB."""
+    return settings.ingest_max_rss_mb * MB // 4
+
+
+def retained_bytes(item: PreparedItem | FailedInput) -> int:
+    """What a prepared item keeps until its batch is encoded."""
+    if isinstance(item, FailedInput):
+        return 0
+    if item.pixels_uint8 is not None:
+        return int(item.pixels_uint8.nbytes)
+    if item.pixels is not None:
+        return int(item.pixels.element_size() * item.pixels.nelement())
+    if item.image is not None:
+        return item.image.width * item.image.height * 3
+    return 0
+
+
+def split_by_bytes(items: list[PreparedItem | FailedInput], cap: int) -> Iterator[list[PreparedItem | FailedInput]]:
+    """``items`` in consecutive runs whose retained bytes stay under ``cap`` (a run holds at least one item)."""
+    run: list[PreparedItem | FailedInput] = []
+    held = 0
+    for item in items:
+        size = retained_bytes(item)
+        if run and held + size > cap:
+            yield run
+            run, held = [], 0
+        run.append(item)
+        held += size
+    if run:
+        yield run
+
+
 def prepared_batches(
     rows: Iterator[InputRow], settings: Settings, preprocess: Callable[[Image.Image], torch.Tensor] | None,
-    preprocess_uint8: Callable[[Image.Image], np.ndarray | None] | None = None,
+    preprocess_uint8: Callable[[Image.Image], np.ndarray | None] | None = None, *, fit: int | None = None,
 ) -> Iterator[tuple[int, list[PreparedItem | FailedInput]]]:
-    """Batches decoded one step ahead in a background thread, so decoding overlaps encoding."""
+    """Batches decoded one step ahead in a background thread, so decoding overlaps encoding.
+
+    Memory stays bounded whatever the images (RECO_INGEST_MAX_RSS_MB): each row is decoded, downscaled to
+    what the encoder needs (``fit``) and preprocessed in one go, so a batch never holds full-size images;
+    the decoded bytes in flight across threads share one :class:`PixelBudget`; and a batch whose prepared
+    pixels pass a quarter of the setting is cut into smaller ones (batches by bytes, not only by rows).
+    """
     limits = ImageLimits.from_settings(settings)
+    budget = PixelBudget(pixel_budget_bytes(settings))
+    batch_cap = settings.ingest_max_rss_mb * MB // 4
+
+    def prepare_one(row: InputRow) -> PreparedItem | FailedInput:
+        return to_service_input(decode_row(row, limits, fit=fit, budget=budget), preprocess, preprocess_uint8)
 
     def prepare(chunk: list[InputRow]) -> list[PreparedItem | FailedInput]:
-        outcomes = decode_rows(chunk, limits, workers=settings.decode_workers)
-        return [to_service_input(o, preprocess, preprocess_uint8) for o in outcomes]
+        if settings.decode_workers <= 0 or len(chunk) <= 1:
+            return [prepare_one(row) for row in chunk]
+        with ThreadPoolExecutor(max_workers=settings.decode_workers, thread_name_prefix="reco-decode") as pool:
+            return list(pool.map(prepare_one, chunk))
 
     chunks = batched(rows, settings.ingest_batch_size)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
         first = next(chunks, None)
         pending: Future[list[PreparedItem | FailedInput]] | None = (
             pool.submit(prepare, first) if first is not None else None)
-        size = len(first) if first is not None else 0
         while pending is not None:
             nxt = next(chunks, None)
             following = pool.submit(prepare, nxt) if nxt is not None else None
-            yield size, pending.result()
-            pending, size = following, (len(nxt) if nxt is not None else 0)
+            for run in split_by_bytes(pending.result(), batch_cap):
+                yield len(run), run
+            pending = following
 
 
 def store_while_encoding(
@@ -135,7 +185,8 @@ def ingest_source(
     preprocess_uint8 = getattr(service.encoder, "preprocess_uint8", None)
     try:
         with tqdm(total=limit, unit="item", desc="ingest", disable=not progress, dynamic_ncols=True) as bar:
-            batches = prepared_batches(rows, settings, preprocess, preprocess_uint8)
+            batches = prepared_batches(rows, settings, preprocess, preprocess_uint8,
+                                       fit=getattr(service.encoder, "image_size", None))
             store_while_encoding(service, job_id, batches, bar)
     except BaseException as exc:
         service.finish_job(job_id, JobStatus.FAILED, f"{type(exc).__name__}: {exc}")

@@ -11,7 +11,15 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from app.config import Settings
-from app.manifest import MANIFEST_SUFFIXES, InputRow, PathOutsideRoot, printable, read_manifest, resolve_confined
+from app.manifest import (
+    MANIFEST_SUFFIXES,
+    InputRow,
+    PathOutsideRoot,
+    default_dataset_name,
+    printable,
+    read_manifest,
+    resolve_confined,
+)
 from app.schemas import RejectReason
 from ingestion.decode import FileRejected, read_file_capped
 
@@ -42,7 +50,7 @@ def iter_source(source: Path, settings: Settings, *, dataset: str | None = None)
         return read_manifest(source, allowed_roots=roots, allow_urls=settings.allow_url_sources, dataset=dataset)
     if suffix in IMAGE_SUFFIXES:
         base = source.absolute().parent
-        return iter([_file_row(source, base, roots, dataset or printable(base.resolve().name))])
+        return iter([_file_row(source, base, roots, dataset or default_dataset_name(base.resolve().name))])
     known = ", ".join(sorted(MANIFEST_SUFFIXES | IMAGE_SUFFIXES))
     raise SourceError(f"source {printable(str(source))}: unknown type {suffix!r} (a folder, or one of {known})")
 
@@ -53,7 +61,7 @@ def iter_folder(folder: Path, *, allowed_roots: Sequence[Path] = (), dataset: st
     allowed root); one that leaves is a row with problem PATH_OUTSIDE_ROOT. ``dataset``: the folder's name.
     """
     base = folder.absolute()
-    dataset = dataset or printable(base.resolve().name)
+    dataset = dataset or default_dataset_name(base.resolve().name)
     visited = {os.path.realpath(base)}  # folders already walked: a linked folder is walked once, loops end
     stack = [_listing(base, dataset)]
     while stack:

@@ -47,7 +47,22 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, object]]:
     }
 
 
+def _redact_worker_logs(logger: object = None, **_: object) -> None:
+    """Celery's own handlers (worker, beat, task loggers) redact secrets like the CLI's (app.errors)."""
+    import logging
+
+    from app.errors import install_log_redaction
+
+    install_log_redaction()
+    if isinstance(logger, logging.Logger):
+        install_log_redaction(logger)
+
+
 def create_celery_app(settings: Settings) -> Celery:
+    from celery.signals import after_setup_logger, after_setup_task_logger
+
+    after_setup_logger.connect(_redact_worker_logs, weak=False)
+    after_setup_task_logger.connect(_redact_worker_logs, weak=False)
     app = Celery("reco", broker=settings.broker_url, backend=result_backend_for(settings), include=["workers.tasks"])
     transport: dict[str, object] = {}
     if settings.broker_url.startswith(("redis://", "rediss://")):

@@ -45,13 +45,37 @@ def reembed_slice(runtime: WorkerRuntime, model: str, pretrained: str, seed: int
 
 
 def pending_reembeds(runtime: WorkerRuntime) -> list[tuple[str, str, int | None]]:
-    """(model, pretrained, seed) of every unfinished re-embedding, plus the live one if it misses items."""
+    """(model, pretrained, seed) of every unfinished re-embedding, the configured encoder when it is not the live
+    one (RECO_CLIP_MODEL / RECO_CLIP_PRETRAINED changed), and the live one if it misses items.
+
+    Idempotent: the configured encoder's version is registered *building* once (schedule_reembed); later checks
+    find it among the unfinished versions, and once its re-embedding swapped the alias it is the live one."""
     repo = runtime.ingest_service().repo
-    targets = [(v.model, v.pretrained, seed_of(v.encoder_id)) for v in unfinished_versions(repo)]
     live = live_version(repo)
+    configured = configured_target(runtime, live.encoder_id if live is not None else None)
+    targets = [(v.model, v.pretrained, seed_of(v.encoder_id)) for v in unfinished_versions(repo)]
+    if configured is not None and configured not in targets:
+        targets.insert(0, configured)
     if live is not None and missing_from_live(repo) > 0:
         targets.append((live.model, live.pretrained, seed_of(live.encoder_id)))
     return targets
+
+
+def configured_target(runtime: WorkerRuntime, live_encoder_id: str | None) -> tuple[str, str, int | None] | None:
+    """The configured encoder as a re-embedding target, when a live version exists and it is another one."""
+    if live_encoder_id is None:
+        return None  # nothing ingested yet: the first ingestion makes the configured encoder live
+    settings = runtime.settings
+    seed = settings.random_init_seed if settings.is_random_init else None
+    encoder = _encoder(runtime, settings.clip_model, settings.clip_pretrained, seed)
+    if encoder.encoder_id == live_encoder_id:
+        return None
+    from app.services.reembed import schedule_reembed
+
+    schedule_reembed(settings, settings.clip_model, settings.clip_pretrained, seed=seed)  # building, once
+    log.warning("configured encoder %s is not the live one (%s): re-embedding the memory", encoder.encoder_id,
+                live_encoder_id)
+    return (settings.clip_model, settings.clip_pretrained, seed)
 
 
 def repair_pending(runtime: WorkerRuntime) -> dict[str, Any]:

@@ -14,8 +14,13 @@ from app.config import Settings, get_settings
 def load_settings() -> Settings:
     try:
         settings = get_settings()
-    except Exception as exc:  # pydantic ValidationError: bad RECO_* value
-        fail(f"invalid settings: {exc}")
+    except Exception as exc:  # pydantic ValidationError: bad RECO_* value; never its input values (secrets)
+        from app.errors import settings_error_line
+
+        fail(f"invalid settings: {settings_error_line(exc)} (fix the RECO_* environment variable)")
+    from app.errors import register_secrets, settings_secrets
+
+    register_secrets(settings_secrets(settings))
     return settings
 
 
@@ -28,8 +33,11 @@ def serving(settings: Settings) -> Any:
         from app.services.serving_client import ServingClient
 
         return ServingClient.connect(settings, server)
+    from app.db.session import upgrade_database
     from app.services.serving import ServingService
 
+    settings.ensure_dirs()  # a fresh data dir: an empty memory, not "no such table"
+    upgrade_database(settings.resolved_database_url)
     return ServingService(settings)
 
 
@@ -37,6 +45,14 @@ def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=None, default=str) + "\n")
 
 
-def fail(message: str, code: int = 2) -> NoReturn:
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+def fail(message: str | BaseException, code: int = 2) -> NoReturn:
+    """One line on stderr (secrets redacted, newlines folded), then exit ``code`` (2 usage, 1 environment).
+
+    An exception may be given: a pydantic ValidationError then reads ``--option: what is wrong``."""
+    from app.errors import one_line, redact, settings_error_line
+
+    if isinstance(message, BaseException):
+        is_validation = type(message).__name__ == "ValidationError" and callable(getattr(message, "errors", None))
+        message = f"invalid input: {settings_error_line(message, options=True)}" if is_validation else str(message)
+    typer.secho(f"error: {one_line(redact(message))}", err=True, fg=typer.colors.RED)
     raise typer.Exit(code)

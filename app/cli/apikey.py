@@ -31,7 +31,7 @@ def create(
     try:
         key, info = _keys().create(name, scopes)
     except ValueError as exc:
-        fail(str(exc))
+        fail(exc)
     if as_json:
         print_json({"id": info.id, "name": info.name, "scopes": sorted(info.scopes), "key": key})
         return

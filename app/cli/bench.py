@@ -55,7 +55,7 @@ def ingest(
 
             result = run_ingest_bench(images, n, model=model, pretrained=pretrained, batch=batch, rounds=rounds or 4)
     except BenchError as exc:
-        fail(str(exc))
+        fail(exc)
     _show(result, as_json)
 
 

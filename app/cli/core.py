@@ -36,17 +36,19 @@ def search(
     """Search the live memory (plain CLIP embeddings, or the query refined by RECO with --mode)."""
     from pydantic import ValidationError
 
-    from app.imaging import ImageRejected
+    from app.imaging import ImageRejected, read_image_file
+    from app.manifest import printable
     from app.remote import ServerError
     from app.services.serving import SearchQuery
 
     settings = load_settings()
     try:
-        request = SearchQuery(text=text, image_bytes=image.read_bytes() if image else None, k=k,
-                              filters=_parse_filters(filters or []), target=target, mode=mode)
+        image_bytes = read_image_file(image, settings.max_image_bytes) if image else None  # capped, regular only
+        request = SearchQuery(text=text, image_bytes=image_bytes, k=k, filters=_parse_filters(filters or []),
+                              target=target, mode=mode)
         response = serving(settings).search(request)
     except (ValidationError, ValueError, LookupError, ImageRejected, OSError, ServerError) as exc:
-        fail(str(exc))
+        fail(exc)
     if response.reco_unavailable and mode != "clip":
         typer.secho(f"RECO unavailable, CLIP results: {response.reco_unavailable}", err=True, fg="yellow")
     if as_json:
@@ -59,7 +61,7 @@ def search(
         typer.secho("RANDOM WEIGHTS: these results carry no meaning (set RECO_CLIP_PRETRAINED)", fg="yellow")
     typer.echo(f"encoder {response.encoder_id} · {response.query_modality}→{response.target}")
     for r in response.results:
-        typer.echo(f"{r.score:7.4f}  {r.caption}  [{r.source}]")
+        typer.echo(f"{r.score:7.4f}  {printable(r.caption)}  [{printable(r.source)}]")  # no terminal tricks
 
 
 def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
@@ -81,6 +83,9 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
         typer.echo(f"  collection {name}: {n} points")
     for encoder_id, counts in info["status"].items():
         typer.echo(f"  {encoder_id}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    for encoder_id, n in info.get("missing_vectors", {}).items():
+        typer.secho(f"  LOST VECTORS: {n} items of {encoder_id} are marked embedded but have no vectors in the "
+                    "memory: run `reco memory reconcile` to re-embed exactly those", fg="yellow")
 
 
 @db_cli.command("upgrade")

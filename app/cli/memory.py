@@ -50,6 +50,34 @@ def index(
     print_json(out) if as_json else typer.echo(f"indexed {done} points in {out['seconds']} s")
 
 
+@memory_cli.command("reconcile")
+def reconcile(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only count the items whose vectors are missing.")]
+    = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Re-embed exactly the items the metadata calls embedded whose vectors the memory lost."""
+    from tqdm import tqdm
+
+    from app.services.ingest import prepare_storage
+    from app.services.restore import restore_lost_vectors
+
+    settings = load_settings()
+    prepare_storage(settings)
+    with tqdm(unit="item", desc="restore", disable=as_json) as bar:
+        out = restore_lost_vectors(settings, dry_run=dry_run, on_batch=lambda done, tried: bar.update(tried))
+    if as_json:
+        print_json(out)
+        return
+    if dry_run:
+        typer.echo(f"{out['missing']} items of {out['encoder_id']} have no vectors in {out['collection']}")
+        return
+    typer.echo(f"{out['missing']} items had no vectors in {out['collection']}: restored {out['restored']}, "
+               f"failed {out['failed']} (`reco ingest --report` does not list these; see `reco status`)")
+    if out["failed"]:
+        raise typer.Exit(1)
+
+
 @memory_cli.command("migrate")
 def migrate(
     source: Annotated[Path | None, typer.Option(

@@ -65,7 +65,7 @@ def train(
             fusion_modality=fusion, dedupe=dedupe, output=output, progress=not as_json)
         report = run_training(load_settings(), request)
     except (ValidationError, MethodError, ValueError) as exc:
-        fail(str(exc))
+        fail(exc)
     if as_json:
         print_json(report.model_dump(mode="json"))
         return
@@ -108,7 +108,7 @@ def evaluate(
             templates=templates, limit=limit, progress=not as_json)
         report = run_evaluation(load_settings(), request)
     except (ValidationError, MethodError, ValueError, OSError) as exc:
-        fail(str(exc))
+        fail(exc)
     if as_json:
         print_json(report.to_json_dict())
         return
@@ -131,7 +131,7 @@ def predict(
     """Zero-shot classification of one image, with the memory neighbours behind it."""
     from pydantic import ValidationError
 
-    from app.imaging import ImageRejected
+    from app.imaging import ImageRejected, read_image_file
     from app.manifest import ManifestError, load_classes
     from app.remote import ServerError
     from app.services.method_common import MethodError
@@ -141,9 +141,9 @@ def predict(
     try:
         names = load_classes(classes) if classes else [s.strip() for s in (labels or "").split(",") if s.strip()]
         query = PredictQuery(labels=names, mode=mode, top=top, k=k, templates=templates)
-        answer = serving(settings).predict([(image.name, image.read_bytes())], query)[0]
+        answer = serving(settings).predict([(image.name, read_image_file(image, settings.max_image_bytes))], query)[0]
     except (ValidationError, MethodError, ManifestError, ImageRejected, ValueError, OSError, ServerError) as exc:
-        fail(str(exc))
+        fail(exc)
     if answer.mode is not RefineMode.CLIP and answer.reco is None:
         fail(f"no RECO answer: {answer.reco_unavailable} (use --mode clip for CLIP alone)", code=1)
     predictions = answer.clip if answer.reco is None else answer.reco

@@ -86,7 +86,7 @@ def reproduce(
                                 settings.data_dir / "cache" / "reproduce", out, plan,
                                 command=shlex.join(["reco", *sys.argv[1:]]), progress=not as_json)
     except (EncoderLoadError, FileNotFoundError, ValueError) as exc:
-        fail(str(exc))
+        fail(exc)
     if as_json:
         print_json(json.loads(done.json_path.read_text())["results"])
         return

@@ -101,6 +101,9 @@ class IngestJob(Base):
     error: Mapped[str | None] = mapped_column(Text)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column()
+    # host:pid:process start time of the process running it (app.db.repo.process_identity); None = not one
+    # process's (async jobs live in the ledger). A running job whose process is gone is failed on sight.
+    owner: Mapped[str | None] = mapped_column(String(160), default=None)
 
     failures: Mapped[list[IngestFailure]] = relationship(back_populates="job", cascade="all, delete-orphan")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -31,6 +33,43 @@ class NewItem:
     width: int | None
     height: int | None
     extra: dict[str, Any]
+
+
+_HOST = socket.gethostname()[:100]
+
+
+def process_identity(pid: int | None = None) -> str:
+    """``host:pid:start`` of a process (start time in ticks since boot, so a reused pid is not taken for it)."""
+    pid = os.getpid() if pid is None else pid
+    return f"{_HOST}:{pid}:{_start_time(pid)}"
+
+
+def _start_time(pid: int) -> str:
+    try:
+        import psutil
+
+        return f"{psutil.Process(pid).create_time():.2f}"
+    except Exception:  # noqa: BLE001 - no psutil, no such process: the pid alone identifies it
+        return "?"
+
+
+def owner_alive(owner: str) -> bool:
+    """Is the process named by ``owner`` (``process_identity``) still running?"""
+    parts = owner.split(":")
+    if len(parts) < 3 or not parts[-2].isdigit():
+        return True  # not ours to judge
+    pid, started = int(parts[-2]), parts[-1]
+    try:
+        import psutil
+
+        if not psutil.pid_exists(pid):
+            return False
+        if started == "?":
+            return True
+        return f"{psutil.Process(pid).create_time():.2f}" == started and \
+            psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except Exception:  # noqa: BLE001 - the process vanished between the calls
+        return False
 
 
 @dataclass(frozen=True)
@@ -68,7 +107,7 @@ class MetadataRepo:
     def create_job(self, source: str, kind: str, encoder_id: str) -> int:
         with self.session() as s:
             job = IngestJob(source=source, kind=kind, encoder_id=encoder_id, status=JobStatus.RUNNING,
-                            seen=0, ingested=0, duplicates=0, failed=0)
+                            seen=0, ingested=0, duplicates=0, failed=0, owner=process_identity())
             s.add(job)
             s.flush()
             return job.id
@@ -93,15 +132,37 @@ class MetadataRepo:
             s.execute(update(IngestJob).where(IngestJob.id == job_id)
                       .values(status=status, error=error, finished_at=utcnow()))
 
+    def fail_orphaned_jobs(self) -> list[int]:
+        """Running jobs whose process (on this host) is gone become *failed*: nothing will ever finish them.
+
+        A job started by a process on another host is left alone (its process cannot be checked from here).
+        """
+        host = _HOST
+        with self.session() as s:
+            running = list(s.execute(select(IngestJob.id, IngestJob.owner).where(
+                IngestJob.status == JobStatus.RUNNING, IngestJob.owner.is_not(None))))
+            dead = [(job_id, owner) for job_id, owner in running
+                    if owner.split(":", 1)[0] == host and not owner_alive(owner)]
+            for job_id, owner in dead:
+                pid = owner.split(":")[1] if owner.count(":") >= 2 else "?"
+                s.execute(update(IngestJob).where(IngestJob.id == job_id, IngestJob.status == JobStatus.RUNNING)
+                          .values(status=JobStatus.FAILED, finished_at=utcnow(),
+                                  error=f"the process that ran it (pid {pid}) ended before the job finished "
+                                        "(killed?): run the ingestion again (items already stored are kept)"))
+        return [job_id for job_id, _ in dead]
+
     def get_job(self, job_id: int) -> IngestJob | None:
+        self.fail_orphaned_jobs()
         with self.session() as s:
             return s.get(IngestJob, job_id)
 
     def latest_job(self) -> IngestJob | None:
+        self.fail_orphaned_jobs()
         with self.session() as s:
             return s.scalars(select(IngestJob).order_by(IngestJob.id.desc()).limit(1)).first()
 
     def recent_jobs(self, limit: int = 20) -> list[IngestJob]:
+        self.fail_orphaned_jobs()
         with self.session() as s:
             return list(s.scalars(select(IngestJob).order_by(IngestJob.id.desc()).limit(limit)))
 
@@ -225,6 +286,11 @@ class MetadataRepo:
     def count_items(self) -> int:
         with self.session() as s:
             return int(s.scalar(select(func.count()).select_from(Item)) or 0)
+
+    def has_extra_column(self, column: str) -> bool:
+        """Does any item carry ``column`` among its manifest's extra columns?"""
+        with self.session() as s:
+            return s.scalar(select(Item.id).where(Item.extra[column].as_string().is_not(None)).limit(1)) is not None
 
     def status_counts(self) -> dict[str, dict[str, int]]:
         """{encoder_id: {status: count}}"""

@@ -66,7 +66,7 @@ def _resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise EncoderLoadError("RECO_DEVICE=cuda but no CUDA device is visible")
+        raise EncoderLoadError("RECO_DEVICE=cuda but no CUDA device is visible: set RECO_DEVICE=cpu (or auto)")
     return torch.device(device)
 
 
@@ -127,7 +127,8 @@ class OpenClipEncoder:
         if model_name not in open_clip.list_models():
             raise EncoderLoadError(
                 f"unknown model {model_name!r}; known reco-* models: "
-                f"{[m for m in open_clip.list_models() if m.startswith('reco-')]} (+ all open_clip models)"
+                f"{[m for m in open_clip.list_models() if m.startswith('reco-')]} (+ all open_clip models): "
+                "fix RECO_CLIP_MODEL"
             )
         self.model_name = model_name
         self.pretrained = pretrained.strip()
@@ -172,7 +173,8 @@ class OpenClipEncoder:
             self._weights_file = path.resolve()
             return
         if any(p.endswith(ext) for ext in (".safetensors", ".pt", ".pth", ".bin")) or "/" in p:
-            raise EncoderLoadError(f"checkpoint file not found: {p}")
+            raise EncoderLoadError(
+                f"checkpoint file not found: {p}: fix RECO_CLIP_PRETRAINED (a file, a tag, or empty)")
         registered = resolve_registered_tag(self.model_name, p)
         if registered is not None:
             self._weights_file, self._weights_sha = registered

@@ -201,8 +201,14 @@ class EdgeStore:
                 try:
                     shard = qe.EdgeShard.load(str(self._folder(name)))
                 except Exception as exc:  # the binding raises plain Exception with the engine's message
-                    kind = MemoryHeldElsewhere if "WouldBlock" in str(exc) else MemoryStoreError
-                    raise kind(f"cannot open collection {name} at {self._folder(name)}: {exc}") from exc
+                    if "WouldBlock" in str(exc):
+                        raise MemoryHeldElsewhere(
+                            f"cannot open collection {name} at {self._folder(name)}: {exc}") from exc
+                    engine = " ".join(str(exc).split())
+                    raise MemoryStoreError(
+                        f"the memory collection {name} is damaged and cannot be opened: move "
+                        f"{self._folder(name)} away (or restore a backup), then run `reco memory reconcile` to "
+                        f"re-embed its items from the metadata (engine: {engine[:240]})") from exc
                 self._shards[name] = shard
             return shard
 
@@ -268,7 +274,9 @@ class EdgeStore:
         except FileNotFoundError:
             return {}
         except ValueError as exc:
-            raise MemoryStoreError(f"{self.root / 'aliases.json'} is damaged: {exc}") from exc
+            raise MemoryStoreError(
+                f"{self.root / 'aliases.json'} is damaged ({exc}): delete it (the next ingestion points the alias "
+                "at the encoder's collection again) or restore a backup") from exc
 
     def _write_aliases(self, aliases: dict[str, str]) -> None:
         _write_json(self.root / "aliases.json", aliases)

@@ -25,13 +25,13 @@ from app.db.runs import store_eval_run
 from app.encoder import Encoder, create_encoder
 from app.evaluation import EvalReport, ResultRow, evaluate_retrieval, evaluate_zeroshot, remove_near_duplicates
 from app.fusion.checkpoint import load_checkpoint
-from app.imaging import ImageLimits, ImageRejected, open_image_safely
+from app.imaging import ImageLimits, ImageRejected, open_image_safely, read_image_file
 from app.manifest import ManifestError, load_classes, read_manifest
 from app.memory.base import VectorMemory
 from app.memory.exact import ExactIndex
 from app.refine import Refiner, mean_fusion_refiner
 from app.retrieval import RetrievalCfg
-from app.schemas import RefineMode, RejectReason
+from app.schemas import RefineMode
 from app.services.method_common import (
     MethodError,
     checkpoint_label,
@@ -99,9 +99,7 @@ def resolve_manifest(settings: Settings, dataset: str) -> Path:
 def _decoded(rows: Sequence[Any], limits: ImageLimits, skipped: list[str]) -> Iterator[tuple[Any, Any, str]]:
     for row in rows:
         try:
-            if Path(row.path).stat().st_size > limits.max_bytes:  # refused before reading, as ingestion does
-                raise ImageRejected(RejectReason.TOO_LARGE, f"over {limits.max_bytes} bytes")
-            data = Path(row.path).read_bytes()
+            data = read_image_file(row.path, limits.max_bytes)  # a regular file, at most the cap, never blocks
             yield row, open_image_safely(data, limits), hashlib.sha256(data).hexdigest()
         except (OSError, ImageRejected) as exc:
             skipped.append(f"{row.source}: {exc}")

@@ -88,16 +88,52 @@ class ReconcileReport(BaseModel):
     reset_to_pending: int = 0
 
 
+# Characters that render as nothing although Unicode calls them letters or symbols (fillers, blank pattern).
+_INVISIBLE_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800\u180e\u034f\u17b4\u17b5")
+# Format (zero-width, bidirectional controls), separators, and marks that combine with nothing visible.
+_INVISIBLE_CATEGORIES = frozenset({"Cf", "Zs", "Zl", "Zp", "Mn", "Me"})
+
+
+def is_invisible(text: str) -> bool:
+    """True when nothing in ``text`` would show: whitespace, zero-width and bidi controls, fillers only."""
+    return all(ch.isspace() or ch in _INVISIBLE_LETTERS or unicodedata.category(ch) in _INVISIBLE_CATEGORIES
+               for ch in text)
+
+
 def clean_caption(raw: str, *, max_chars: int, required: bool) -> tuple[str, FailedInput | None]:
-    """Whitespace collapsed; NUL/control characters, empty and over-long captions refused."""
+    """Whitespace collapsed; NUL/control characters, empty and over-long captions refused.
+
+    A caption made only of invisible characters (zero-width spaces, bidi controls, fillers) is empty."""
     if any(unicodedata.category(ch) in {"Cc", "Cs"} and ch not in "\t\n\r" for ch in raw):
         return "", FailedInput("", RejectReason.BAD_CAPTION, "caption contains NUL or control characters")
     caption = " ".join(raw.split())
+    if is_invisible(caption):
+        caption = ""
     if required and not caption:
         return "", FailedInput("", RejectReason.EMPTY_CAPTION, "caption is empty")
     if len(caption) > max_chars:
         return "", FailedInput("", RejectReason.CAPTION_TOO_LONG, f"{len(caption)} chars > cap {max_chars}")
     return caption, None
+
+
+def row_problem(row: InputRow) -> FailedInput | None:
+    """A row's metadata the database could not hold (app.manifest.field_problem), whatever its source."""
+    from app.manifest import MAX_SOURCE_CHARS, field_problem
+
+    problem = field_problem(dataset=row.dataset, split=row.split, extra=row.extra)
+    if problem is None and len(row.source) > MAX_SOURCE_CHARS:
+        problem = (RejectReason.BAD_ROW, f"source is {len(row.source)} characters > cap {MAX_SOURCE_CHARS}")
+    if problem is None and "\x00" in row.source:
+        problem = (RejectReason.BAD_ROW, "source contains NUL")
+    if problem is None and row.path is not None:
+        try:
+            str(row.path).encode("utf-8")
+        except UnicodeEncodeError:
+            problem = (RejectReason.BAD_ENCODING, "the file name is not valid UTF-8, which the metadata database "
+                       "cannot store as it is: rename the file")
+    if problem is None:
+        return None
+    return FailedInput(printable(row.source)[:MAX_SOURCE_CHARS], *problem)
 
 
 @dataclass
@@ -178,7 +214,8 @@ class IngestService:
             [i for i in inputs if isinstance(i, PreparedItem)], failures, outcome, in_flight)
         records: list[MemoryRecord] = []
         if batch.items:
-            self.repo.add_pending(batch.items, self.encoder_id)
+            self._add_pending(batch, failures)
+        if batch.items:
             try:
                 records = self._embed(batch)
             except Exception as exc:  # noqa: BLE001 - a broken batch is recorded, never crashes the job
@@ -187,6 +224,41 @@ class IngestService:
                 self.repo.set_status(ids, self.encoder_id, EmbedStatus.FAILED, RejectReason.ENCODE_ERROR, str(exc))
                 failures += [FailedInput(i.source_uri, RejectReason.ENCODE_ERROR, str(exc)) for i in batch.items]
         return EncodedBatch(job_id, outcome, failures, records)
+
+    def _add_pending(self, batch: _Batch, failures: list[FailedInput]) -> None:
+        """Mark the batch pending; when the database refuses the batch for its data (a value the checks
+        before it missed), row by row, so only the rows it refuses fail — with the database's reason."""
+        try:
+            self.repo.add_pending(batch.items, self.encoder_id)
+            return
+        except Exception as exc:
+            if not _refused_for_data(exc):
+                raise  # the database is down, locked, full: the job's problem, not a row's
+            if len(batch.items) == 1:
+                self._refuse_stored(batch, 0, exc, failures)
+                batch.items.clear()
+                batch.prepared.clear()
+                return
+        kept = _Batch()
+        for index, (item, prepared) in enumerate(zip(batch.items, batch.prepared, strict=True)):
+            try:
+                self.repo.add_pending([item], self.encoder_id)
+            except Exception as exc:
+                if not _refused_for_data(exc):
+                    raise
+                self._refuse_stored(batch, index, exc, failures)
+                continue
+            kept.items.append(item)
+            kept.prepared.append(prepared)
+        batch.items[:], batch.prepared[:] = kept.items, kept.prepared
+
+    @staticmethod
+    def _refuse_stored(batch: _Batch, index: int, exc: Exception, failures: list[FailedInput]) -> None:
+        orig = getattr(exc, "orig", exc)
+        reason = " ".join(str(orig).split()).split("[SQL:")[0][:300]
+        log.warning("database refused %s: %s", batch.prepared[index].row.source, reason)
+        failures.append(FailedInput(batch.prepared[index].row.source, RejectReason.BAD_ROW,
+                                    f"the database refused the row: {reason}"))
 
     def store_batch(self, encoded: EncodedBatch) -> BatchOutcome:
         """Vectors to the memory, then *embedded* in the DB, then the job's counts (safe in a writer thread)."""
@@ -212,6 +284,10 @@ class IngestService:
         seen_ids: set[str] = set()
         candidates: list[tuple[NewItem, PreparedItem]] = []
         for p in prepared:
+            bad_row = row_problem(p.row)
+            if bad_row is not None:
+                failures.append(bad_row)
+                continue
             caption, problem = clean_caption(
                 p.row.caption, max_chars=self.settings.max_caption_chars, required=self.settings.require_caption)
             if problem is not None:
@@ -225,6 +301,14 @@ class IngestService:
             candidates.append((item, p))
         status = self.repo.embedding_status([c[0].id for c in candidates], self.encoder_id)
         taken_down = self.repo.deleted_among([c[0].id for c in candidates])
+        # An item the metadata calls embedded is a duplicate only while its vectors are in the memory: vectors
+        # lost (a store removed or replaced) are embedded again, never counted as duplicates.
+        said_embedded = [c[0].id for c in candidates if status.get(c[0].id) == EmbedStatus.EMBEDDED]
+        if said_embedded:
+            present = self.memory.existing_ids(said_embedded)
+            for item_id in said_embedded:
+                if item_id not in present:
+                    status.pop(item_id, None)
         for item, p in candidates:
             if item.id in taken_down:
                 why = taken_down[item.id].deleted_reason or "no reason given"
@@ -313,12 +397,22 @@ class IngestService:
         report.checked = len(pending)
         self.repo.set_status(sorted(present), self.encoder_id, EmbedStatus.EMBEDDED)
         report.marked_embedded = len(present)
-        embedded = self.repo.item_ids_with_status(self.encoder_id, EmbedStatus.EMBEDDED, limit)
-        lost = sorted(set(embedded) - self.memory.existing_ids(embedded))
+        from app.services.restore import missing_vector_ids
+
+        lost = missing_vector_ids(self.repo, self.memory, self.encoder_id)  # every embedded item, page by page
         self.repo.set_status(lost, self.encoder_id, EmbedStatus.PENDING, detail="vectors missing in Qdrant")
         report.reset_to_pending = len(lost)
-        report.checked += len(embedded)
+        report.checked += self.repo.status_counts().get(self.encoder_id, {}).get(EmbedStatus.EMBEDDED, 0) + len(lost)
         return report
+
+
+def _refused_for_data(exc: Exception) -> bool:
+    """The database refused a value (too long, NUL, not JSON) rather than failing as a whole."""
+    from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
+
+    if isinstance(exc, DataError | IntegrityError):
+        return True
+    return isinstance(exc, StatementError) and not isinstance(exc, DBAPIError)  # a bind value it cannot send
 
 
 def _missing_pixels(p: PreparedItem) -> Image.Image:
@@ -330,7 +424,9 @@ def _new_item(p: PreparedItem, caption: str) -> NewItem:
     return NewItem(
         id=item_id_for(p.image_hash, caption), content_hash=content_hash(p.image_hash, caption),
         image_hash=p.image_hash, caption=caption,
-        source_uri=row.source if row.path is None else printable(str(row.path)),  # non-UTF-8 names escaped
+        # the real path (a newline or U+202E in a name included), so re-embedding and retries can read it again;
+        # names the database cannot hold (not UTF-8) were refused by row_problem
+        source_uri=row.source if row.path is None else str(row.path),
         dataset=row.dataset, split=row.split, label=row.label, size_bytes=p.size_bytes,
         width=p.width if p.width is not None else (p.image.width if p.image is not None else None),
         height=p.height if p.height is not None else (p.image.height if p.image is not None else None),

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from app.db.repo import MetadataRepo
 from app.memory.base import item_id_for
 from app.schemas import EmbedStatus, RejectReason
-from app.services.ingest import FailedInput, IngestService, PreparedItem, clean_caption
+from app.services.ingest import FailedInput, IngestService, PreparedItem, clean_caption, row_problem
 from app.services.ingest_ledger import ClaimedTask, IngestLedger, TaskOutcome, TaskRef
 
 if TYPE_CHECKING:
@@ -145,6 +145,7 @@ class EmbedBatchService:
                 continue
             caption, problem = clean_caption(item.row.caption, max_chars=settings.max_caption_chars,
                                              required=settings.require_caption)
+            problem = row_problem(item.row) or problem
             if problem is not None:
                 outcomes[task.ref] = TaskOutcome(task.ref, EmbedStatus.FAILED, task.row.source,
                                                  reason=str(problem.reason), detail=problem.detail)

@@ -139,12 +139,16 @@ class IngestLedger:
         return _cursor(job)
 
     # --- submitting -----------------------------------------------------------------------------
-    def submit(self, job_id: int, start_seq: int, rows: Sequence[InputRow]) -> list[TaskRef]:
-        """Ledger rows ``start_seq …`` (idempotent); returns the refs still queued, to be sent."""
+    def submit(self, job_id: int, start_seq: int, rows: Sequence[InputRow],
+               keys: Sequence[str] | None = None) -> list[TaskRef]:
+        """Ledger rows ``start_seq …`` (idempotent); returns the refs still queued, to be sent.
+
+        ``keys``: a content key per row (watch folders: image hash + caption), kept with the row."""
         if not rows:
             return []
         now = utcnow()
-        values = [{"job_id": job_id, "seq": start_seq + n, "source": row.source, "row": row_to_json(row),
+        values = [{"job_id": job_id, "seq": start_seq + n, "source": row.source,
+                   "row": row_to_json(row) | ({"watch_key": keys[n]} if keys is not None else {}),
                    "state": QUEUED, "sends": 1, "enqueued_at": now} for n, row in enumerate(rows)]
         seqs = [v["seq"] for v in values]
         with self.repo.session() as s:

@@ -24,6 +24,7 @@ from app.db.runs import CheckpointRecord, checkpoint_by_sha256, newest_checkpoin
 from app.db.session import make_session_factory, upgrade_database
 from app.encoder.openclip import collection_name_for
 from app.encoder.weights import file_sha256
+from app.errors import UsageError
 from app.memory.base import Filters, ItemPayload, MemoryMatrices, VectorMemory
 from app.memory.exact import ExactIndex
 from app.memory.store import open_store
@@ -33,6 +34,10 @@ log = logging.getLogger(__name__)
 
 class MethodError(RuntimeError):
     """A precondition of training/evaluation is not met (empty memory, no checkpoint, ...)."""
+
+
+class CheckpointNotFound(MethodError, UsageError):
+    """A fusion checkpoint path that names no file (a usage error: exit 2)."""
 
 
 def resolve_device(settings: Settings) -> str:
@@ -102,7 +107,8 @@ def resolve_checkpoint(
     if chosen:
         path = Path(chosen).expanduser()
         if not path.is_file():
-            raise MethodError(f"fusion checkpoint not found: {path}")
+            raise CheckpointNotFound(f"fusion checkpoint not found: {path}: give an existing file "
+                                     "(--checkpoint or RECO_FUSION_CHECKPOINT), or leave it empty for the newest")
         return path, checkpoint_by_sha256(factory, file_sha256(path))
     record = newest_checkpoint(factory, encoder_id)
     if record is None:

@@ -119,7 +119,8 @@ def predict_image(
     image already decoded and encoded (a caller asking for CLIP and RECO answers encodes it once)."""
     encoder = encoder or create_encoder(settings)
     if image_vector is None:
-        image = open_image_safely(request.image_bytes, ImageLimits.from_settings(settings))
+        image = open_image_safely(request.image_bytes, ImageLimits.from_settings(settings),
+                                  fit=getattr(encoder, "image_size", None))  # downscaled right after decoding
     loaded: Refiner | None = None
     checkpoint: str | None = None
     if request.mode is not RefineMode.CLIP:

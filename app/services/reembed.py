@@ -32,7 +32,7 @@ from sqlalchemy import and_, exists, func, select
 from app.db.models import Embedding, EmbeddingVersion, FusionCheckpoint, Item
 from app.db.repo import MetadataRepo, NewItem
 from app.encoder import Encoder, create_encoder
-from app.imaging import ImageLimits, ImageRejected, open_image_safely
+from app.imaging import ImageLimits, ImageRejected, open_image_safely, read_image_file
 from app.memory.base import ItemPayload, MemoryRecord, MemoryStore
 from app.memory.store import encoder_memory, open_store
 from app.schemas import EmbedStatus, RejectReason
@@ -218,11 +218,9 @@ class ReembedService:
     def _load_one(self, item: Item) -> Any:
         path = Path(item.source_uri)
         try:
-            if path.stat().st_size > self.limits.max_bytes:
-                return (RejectReason.TOO_LARGE, f"{path.stat().st_size} bytes > cap {self.limits.max_bytes}")
-            data = path.read_bytes()
-        except OSError as exc:
-            return (RejectReason.MISSING, f"source {item.source_uri} unreadable: {exc.strerror or exc}")
+            data = read_image_file(path, self.limits.max_bytes)  # a regular file, at most the cap, never blocks
+        except ImageRejected as exc:
+            return (exc.reason, exc.detail)
         if hashlib.sha256(data).hexdigest() != item.image_hash:
             return (RejectReason.CORRUPT, f"source {item.source_uri} changed since it was ingested")
         try:

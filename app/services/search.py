@@ -86,7 +86,8 @@ class SearchService:
         if request.text is not None:
             return self.encoder.encode_texts([request.text])[0]
         assert request.image_bytes is not None
-        image = open_image_safely(request.image_bytes, self.limits)
+        fit = getattr(self.encoder, "image_size", None)  # downscaled right after decoding: bounded memory
+        image = open_image_safely(request.image_bytes, self.limits, fit=fit)
         return self.encoder.encode_images([image])[0]
 
     def search(self, request: SearchRequest, refine: Refiner | None = None) -> SearchResponse:

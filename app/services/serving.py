@@ -29,7 +29,7 @@ from app.config import Settings
 from app.db.models import EmbeddingVersion, Item
 from app.db.repo import MetadataRepo
 from app.encoder import Encoder, create_encoder
-from app.imaging import ImageLimits, open_image_safely
+from app.imaging import ImageLimits, ImageRejected, open_image_safely, read_image_file
 from app.manifest import load_classes
 from app.memory.base import MemoryStore, MemoryStoreError, SearchHit, VectorMemory
 from app.memory.store import live_memory, open_store
@@ -356,7 +356,8 @@ class ServingService:
         classes = self.resolve_classes(query)
         live = self.live()
         k = query.k or self.settings.k_infer
-        decoded = [open_image_safely(data, self.limits) for _, data in images]  # ImageRejected: the caller's 4xx
+        fit = getattr(live.encoder, "image_size", None)  # downscaled right after decoding: bounded memory
+        decoded = [open_image_safely(data, self.limits, fit=fit) for _, data in images]  # ImageRejected: a 4xx
         vectors = live.encoder.encode_images(decoded) if decoded else np.zeros((0, 0), np.float32)
         loaded = (live.refiner, live.checkpoint_label or "") if live.refiner is not None else None
         out = []
@@ -397,6 +398,7 @@ class ServingService:
         live = self.live()
         if live.memory is None:
             raise LookupError("the memory is empty: ingest something first (reco ingest SOURCE)")
+        self._check_extra_filters(query.filters)
         service = SearchService(self.settings, encoder=live.encoder, memory=live.memory)
         refines = _refines(query.mode, query.query_modality)
         if not refines:
@@ -430,6 +432,15 @@ class ServingService:
                             random_weights=found.random_weights,
                             neighbours=self._with_metadata(explanation.get("neighbours", [])),
                             self_attention=explanation.get("self_attention"))
+
+    def _check_extra_filters(self, filters: dict[str, Any] | None) -> None:
+        """``extra.<column>`` must name a column some item has: an unknown one is an error, not 0 results."""
+        from app.memory.base import UnknownFilterField
+
+        for key in filters or {}:
+            if key.startswith("extra.") and not self.repo.has_extra_column(key.removeprefix("extra.")):
+                raise UnknownFilterField(f"unknown filter field {key!r}: no item has an extra column "
+                                         f"{key.removeprefix('extra.')!r}")
 
     def _with_metadata(self, neighbours: list[NeighbourOut]) -> list[NeighbourOut]:
         """Source, dataset and split from the metadata DB (one query)."""
@@ -479,7 +490,11 @@ class ServingService:
         path = Path(item.source_uri)
         if not path.is_file():
             raise LookupError(f"the image of item {item_id} is no longer at {item.source_uri}")
-        data = path.read_bytes()[: self.settings.max_image_bytes + 1]
+
+        try:
+            data = read_image_file(path, self.settings.max_image_bytes)
+        except ImageRejected as exc:
+            raise LookupError(f"the image of item {item_id} cannot be read: {exc.detail}") from exc
         if hashlib.sha256(data).hexdigest() != item.image_hash:
             raise LookupError(f"the image of item {item_id} changed since it was ingested")
         import io

@@ -168,7 +168,7 @@ def test_any_exception_inside_decoding_becomes_a_rejection(
 ) -> None:
     folder, _, _ = corpus
 
-    def explode(*_: object) -> None:
+    def explode(*_: object, **__: object) -> None:
         raise error
 
     monkeypatch.setattr(decode_module, "open_image_safely", explode)
