@@ -26,6 +26,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import cast
 
 import numpy as np
 
@@ -66,7 +67,7 @@ class SyntheticCfg:
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+    return cast(np.ndarray, (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32))
 
 
 def _sha(text: str) -> str:

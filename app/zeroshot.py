@@ -20,7 +20,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 
@@ -96,7 +96,7 @@ def resolve_templates(templates: str | Sequence[str] | Path | None) -> tuple[str
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
-    return (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
+    return cast(np.ndarray, (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)).astype(np.float32))
 
 
 class ClassEmbeddingCache:
@@ -124,7 +124,7 @@ class ClassEmbeddingCache:
             with self._lock:
                 self._mem[key] = value
                 self.hits += 1
-            return value
+            return cast(np.ndarray, value)
         self.misses += 1
         return None
 
@@ -222,7 +222,7 @@ class ZeroShotClassifier:
 
     def logits(self, image_embeddings: np.ndarray, mode: RefineMode = RefineMode.CLIP) -> np.ndarray:
         """(n_images, n_classes) cosine similarities."""
-        return self.image_side(image_embeddings, mode) @ self.class_embeddings(mode).T
+        return cast(np.ndarray, self.image_side(image_embeddings, mode) @ self.class_embeddings(mode).T)
 
     def predict(self, image_embedding: np.ndarray, mode: RefineMode = RefineMode.CLIP, top: int = 5) -> Prediction:
         logits = self.logits(image_embedding, mode)[0]

@@ -18,7 +18,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -27,7 +27,7 @@ from app.schemas import Modality
 
 
 def _queries(args: dict[str, Any]) -> np.ndarray:
-    return np.load(args["queries"]).astype(np.float32)
+    return cast(np.ndarray, np.load(args["queries"]).astype(np.float32))
 
 
 def exact_task(args: dict[str, Any]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -65,7 +66,7 @@ def _grow(real: np.ndarray, start: int, stop: int, seed: int) -> np.ndarray:
         noise = rng.standard_normal((int(copies.sum()), dim)).astype(np.float32) * (NOISE_NORM / np.sqrt(dim))
         grown = block[copies] + noise
         block[copies] = grown / np.linalg.norm(grown, axis=1, keepdims=True)
-    return block
+    return cast(np.ndarray, block)
 
 
 def dataset_of(row: int, names: Sequence[str]) -> str:

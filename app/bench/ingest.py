@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -57,7 +57,7 @@ def load_ingest_pipeline() -> IngestPipeline:
     """``ingestion.pipeline.ingest_source`` through its entry point (``app`` never imports ``ingestion``)."""
     for ep in entry_points(group="reco.pipelines"):
         if ep.name == "ingest":
-            return ep.load()
+            return cast(Callable[..., dict[str, Any]], ep.load())
     raise BenchError("no 'ingest' entry point in group 'reco.pipelines': reinstall the project (pip install -e .)")
 
 

@@ -132,7 +132,7 @@ def meets_goals(q: dict[str, Any]) -> bool:
     if "i2t_r1_delta" in q:
         ok = ok and abs(q["i2t_r1_delta"]) <= GOALS["r1_points"] and abs(q["t2i_r1_delta"]) <= GOALS["r1_points"]
         ok = ok and q.get("agree_t2i_top10", 0) >= GOALS["agreement"]
-    return ok
+    return bool(ok)
 
 
 def _flickr_test(data_root: Path, n: int | None) -> CaptionedImages:
@@ -148,7 +148,8 @@ def _text_tower_int8(encoder: OpenClipEncoder) -> OpenClipEncoder:
     """The probe: reco-base's pretrained MiniLM text tower with every Linear dynamically quantized."""
     probe = copy.copy(encoder)
     probe._model = copy.deepcopy(encoder._model)  # noqa: SLF001 - a bench-only variant of a loaded encoder
-    probe._model.text = torch.ao.quantization.quantize_dynamic(probe._model.text, {torch.nn.Linear},
+    probe._model.text = torch.ao.quantization.quantize_dynamic(  # type: ignore[no-untyped-call]
+        probe._model.text, {torch.nn.Linear},
                                                                 dtype=torch.qint8)
     return probe
 
@@ -244,7 +245,7 @@ def _default_sweeps(encoder: OpenClipEncoder, pixels: torch.Tensor, batches: Seq
 def _recommend(speed: list[dict[str, Any]], quality: list[dict[str, Any]]) -> str:
     """Fastest by CPU time per image among variants that meet every quality goal (fp32 always does)."""
     ok = {q["variant"] for q in quality if meets_goals(q)} | {speed[0]["variant"]}
-    return min((row for row in speed if row["variant"] in ok), key=lambda row: row["cpu_ms_per_img"])["variant"]
+    return str(min((row for row in speed if row["variant"] in ok), key=lambda row: row["cpu_ms_per_img"])["variant"])
 
 
 def run_precision_bench(data_root: Path, *, models: Sequence[tuple[str, str]] = DEFAULT_MODELS,

@@ -138,7 +138,7 @@ def _embedding_pairs(settings: Any, data_root: Path) -> dict[str, Any]:
                               seed=settings.random_init_seed)
     cache = settings.data_dir / "cache" / "reproduce"
     pairs = real_pairs(lambda folder: encode_dataset(encoder, folder, cache, progress=True), data_root)
-    pairs["encoder_id"] = encoder.encoder_id
+    pairs["encoder_id"] = encoder.encoder_id  # type: ignore[assignment]  # beside the arrays, for the report
     return pairs
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -42,14 +42,16 @@ def create(
 @apikey_cli.command("list")
 def list_keys(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Keys with their scopes and last use (never the key itself)."""
-    rows = [{"id": k.id, "name": k.name, "prefix": k.prefix, "scopes": sorted(k.scopes), "created_at": k.created_at,
+    rows: list[dict[str, Any]] = [
+        {"id": k.id, "name": k.name, "prefix": k.prefix, "scopes": sorted(k.scopes), "created_at": k.created_at,
              "last_used_at": k.last_used_at, "revoked": k.revoked} for k in _keys().list()]
     if as_json:
         print_json(rows)
         return
     for r in rows:
         state = "revoked" if r["revoked"] else "active"
-        typer.echo(f"{r['id']:>4} {r['name']:<24} reco_{r['prefix']}_…  {','.join(r['scopes']):<17} {state}  "
+        scopes = ",".join(r["scopes"])
+        typer.echo(f"{r['id']:>4} {r['name']:<24} reco_{r['prefix']}_…  {scopes:<17} {state}  "
                    f"last used {r['last_used_at'] or 'never'}")
 
 

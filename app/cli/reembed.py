@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -43,7 +43,7 @@ def reembed(
     print_json(out) if as_json else typer.echo(_describe(out))
 
 
-def _describe(out: dict) -> str:
+def _describe(out: dict[str, Any]) -> str:
     if "scheduled" in out:
         return f"re-embedding to {out['scheduled']} scheduled (checked every {out['check_every_s']:.0f} s)"
     lines = [f"{v['status']:<9} {'*' if v['live'] else ' '} {v['encoder_id']}  {v['done']}/{v['total']}  "

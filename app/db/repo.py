@@ -141,8 +141,8 @@ class MetadataRepo:
         with self.session() as s:
             running = list(s.execute(select(IngestJob.id, IngestJob.owner).where(
                 IngestJob.status == JobStatus.RUNNING, IngestJob.owner.is_not(None))))
-            dead = [(job_id, owner) for job_id, owner in running
-                    if owner.split(":", 1)[0] == host and not owner_alive(owner)]
+            dead = [(job_id, str(owner)) for job_id, owner in running
+                    if owner and owner.split(":", 1)[0] == host and not owner_alive(owner)]
             for job_id, owner in dead:
                 pid = owner.split(":")[1] if owner.count(":") >= 2 else "?"
                 s.execute(update(IngestJob).where(IngestJob.id == job_id, IngestJob.status == JobStatus.RUNNING)

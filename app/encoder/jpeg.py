@@ -11,6 +11,7 @@ JPEG, CMYK, corrupt) is reported as None for that item so the caller can fall ba
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 
@@ -31,7 +32,7 @@ def _resize_crop(image: torch.Tensor, size: int) -> torch.Tensor:
     from torchvision.transforms.v2 import functional as tf
 
     resized = tf.resize(image, [size], interpolation=InterpolationMode.BICUBIC, antialias=True)
-    return tf.center_crop(resized, [size, size])
+    return cast(torch.Tensor, tf.center_crop(resized, [size, size]))
 
 
 def decode_jpeg_batch(

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -297,7 +297,7 @@ class OpenClipEncoder:
     def image_tower(self) -> torch.nn.Module:
         """The loaded image tower, as :attr:`runtime` changed it."""
         self._ensure_loaded()
-        return self._model.visual
+        return cast(torch.nn.Module, self._model.visual)
 
     @contextlib.contextmanager
     def _autocast(self) -> Iterator[None]:
@@ -307,7 +307,7 @@ class OpenClipEncoder:
     # --- encoding ---------------------------------------------------------------------------
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         self._ensure_loaded()
-        return self._preprocess(image)
+        return cast(torch.Tensor, self._preprocess(image))
 
     def preprocess_uint8(self, image: Image.Image) -> np.ndarray | None:
         """First stage of :meth:`preprocess`: the transform's PIL steps (resize, crop, RGB) as (H, W, 3) uint8.
@@ -382,7 +382,7 @@ class OpenClipEncoder:
         rows = len(chunk)
         if self.runtime.compile and rows < self.batch_size:
             chunk = torch.cat([chunk, chunk.new_zeros((self.batch_size - rows, *chunk.shape[1:]))])
-        return self._model.encode_image(image_batch_layout(chunk, self.runtime))[:rows]
+        return cast(torch.Tensor, self._model.encode_image(image_batch_layout(chunk, self.runtime))[:rows])
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         self._ensure_loaded()

@@ -28,7 +28,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -141,9 +141,10 @@ def _unpack_attention(visual: nn.Module) -> int:
 def quantize_visual_int8(visual: nn.Module) -> nn.Module:
     """Dynamic int8 (per-tensor activations, per-tensor weights, fbgemm/x86) for every Linear of the tower."""
     swapped = _unpack_attention(visual)
-    quantized = torch.ao.quantization.quantize_dynamic(visual, {nn.Linear}, dtype=torch.qint8)
+    quantized = torch.ao.quantization.quantize_dynamic(  # type: ignore[no-untyped-call]
+        visual, {nn.Linear}, dtype=torch.qint8)
     log.info("image tower: int8 dynamic quantization (%d attention blocks unpacked)", swapped)
-    return quantized
+    return cast(nn.Module, quantized)
 
 
 def apply_runtime(model: Any, runtime: Runtime) -> None:

@@ -203,7 +203,7 @@ def _fit(model: RecoFusion, batches: _Batches, n: int, options: TrainOptions) ->
                 loss, step_parts = _step_loss(model, batches.get(batch), options, gen)
                 epoch_parts.append(step_parts)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]
                 optimizer.step()
                 schedule.step()
                 with torch.no_grad():

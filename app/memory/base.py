@@ -162,7 +162,7 @@ def parse_filters(filters: Filters | None) -> list[FieldMatch]:
             raise UnknownFilterField(
                 f"unknown filter field {key!r}: use one of {', '.join(FILTERABLE)}, or extra.<column> for a "
                 "manifest's extra columns")
-        values = list(raw) if isinstance(raw, list | tuple | set | frozenset) else [raw]
+        values: list[Any] = list(raw) if isinstance(raw, list | tuple | set | frozenset) else [raw]
         if not values:
             raise ValueError(f"filter {key!r} has no values")
         if key == "label":

@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import numpy as np
 import qdrant_edge as qe
@@ -79,7 +80,7 @@ def _edge_filter(filters: Filters | None, exclude_ids: Sequence[str] = ()) -> qe
         match = (qe.MatchValue(cond.values[0]) if len(cond.values) == 1
                  else qe.MatchAny(list(cond.values)))  # type: ignore[arg-type]
         must.append(qe.FieldCondition(key=cond.key, match=match))
-    ids = {i for i in exclude_ids if is_item_id(i)}
+    ids: set[int | UUID | str] = {i for i in exclude_ids if is_item_id(i)}
     must_not: list[Any] = [qe.HasIdCondition(ids)] if ids else []
     if not must and not must_not:
         return None
@@ -398,7 +399,7 @@ class EdgeMemory:
         self.store.last_write = time.monotonic()
 
     def delete(self, item_ids: Sequence[str]) -> None:
-        ids = [i for i in item_ids if is_item_id(i)]
+        ids: list[int | UUID | str] = [i for i in item_ids if is_item_id(i)]
         if ids and self.exists():
             self.store.ensure_space(f"deleting {len(ids)} points")
             self._shard().update(qe.UpdateOperation.delete_points(ids))
@@ -413,7 +414,7 @@ class EdgeMemory:
         return [_point(r, with_vectors) for r in records]
 
     def existing_ids(self, item_ids: Sequence[str]) -> set[str]:
-        ids = [i for i in item_ids if is_item_id(i)]
+        ids: list[int | UUID | str] = [i for i in item_ids if is_item_id(i)]
         if not ids or not self.exists():
             return set()
         return {str(r.id) for r in self._shard().retrieve(point_ids=ids, with_payload=False, with_vector=False)}

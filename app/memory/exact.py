@@ -13,7 +13,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import torch
@@ -47,7 +47,7 @@ FORMAT_VERSION = 1
 
 def _normalised(matrix: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-    return (matrix / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+    return cast(np.ndarray, (matrix / np.maximum(norms, 1e-12)).astype(np.float32, copy=False))
 
 
 def _per_query(values: Sequence[Iterable[str] | str] | None, n: int, what: str) -> list[list[str]]:
@@ -395,7 +395,7 @@ class ExactIndex:
         return MemoryMatrices(
             ids=[self.ids[r] for r in rows], image=np.asarray(self._image[rows], np.float32),
             text=np.asarray(self._text[rows], np.float32), image_hashes=[self.image_hashes[r] for r in rows],
-            payloads=[self.payloads[r] for r in rows] if self.payloads else [])
+            payloads=[self.payloads[int(r)] for r in rows] if self.payloads else [])
 
     # --- writes (small in-RAM memories: tests, experiments; the engines serve real ones) ---------
     def _writable_rows(self) -> tuple[np.ndarray, np.ndarray]:

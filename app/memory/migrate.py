@@ -47,8 +47,8 @@ def migrate_local_mode(source: Path, target: EdgeStore, *, on_points: Callable[[
             while True:
                 points, offset = client.scroll(name, limit=PAGE, offset=offset, with_payload=True, with_vectors=True)
                 records = [MemoryRecord(ItemPayload.model_validate(p.payload),
-                                        np.asarray(p.vector["image"], np.float32),  # type: ignore[index]
-                                        np.asarray(p.vector["text"], np.float32))  # type: ignore[index]
+                                        np.asarray(p.vector["image"], np.float32),  # type: ignore[index, call-overload]
+                                        np.asarray(p.vector["text"], np.float32))  # type: ignore[index, call-overload]
                            for p in points]
                 target_memory.upsert(records)
                 if on_points is not None:

@@ -50,7 +50,7 @@ def build_filter(filters: Filters | None, exclude_ids: Sequence[str] = ()) -> mo
         elif len(cond.values) == 1:
             must.append(models.FieldCondition(key=cond.key, match=models.MatchValue(value=cond.values[0])))
         else:
-            must.append(models.FieldCondition(key=cond.key, match=models.MatchAny(any=list(cond.values))))  # type: ignore[arg-type]
+            must.append(models.FieldCondition(key=cond.key, match=models.MatchAny(any=list(cond.values))))
     ids = [i for i in exclude_ids if is_item_id(i)]
     must_not: list[Any] = [models.HasIdCondition(has_id=ids)] if ids else []
     if not must and not must_not:

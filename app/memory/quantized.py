@@ -10,7 +10,7 @@ rows are read) when the index has them. Qdrant's scalar quantization works the s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -60,7 +60,7 @@ class Int8Matrix:
     def __getitem__(self, rows: Any) -> np.ndarray:
         if self.originals is not None:
             return np.asarray(self.originals[rows], np.float32)
-        return self.codes[rows].astype(np.float32) * self.scales[rows][..., None]
+        return cast(np.ndarray, self.codes[rows].astype(np.float32) * self.scales[rows][..., None])
 
     def block(
         self, start: int, stop: int, dtype: torch.dtype, device: torch.device

@@ -13,6 +13,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -107,7 +108,7 @@ def cached_image_array(images: Sequence[Path], size: int, cache_dir: Path, *, pr
     key = fingerprint(size, *[(p, p.stat().st_size) for p in images])
     target = Path(cache_dir) / f"images-{size}px-{len(images)}-{key}.npy"
     if target.is_file():
-        return np.load(target, mmap_mode="r")
+        return cast(np.ndarray, np.load(target, mmap_mode="r"))
     target.parent.mkdir(parents=True, exist_ok=True)
     out = np.empty((len(images), size, size, 3), dtype=np.uint8)
     for i, path in enumerate(tqdm(images, desc=f"decode {size}px", unit="img", disable=not progress)):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from tqdm import tqdm
@@ -93,7 +93,7 @@ def class_text_embeddings(encoder: Encoder, classes: Sequence[str], templates: S
     """Per class: mean of its normalised prompt embeddings, renormalised (CLIP's prompt ensembling)."""
     prompts = [t.format(c=c) for c in classes for t in templates]
     emb = encoder.encode_texts(prompts).reshape(len(classes), len(templates), -1).mean(axis=1)
-    return (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
+    return cast(np.ndarray, (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32))
 
 
 def templates_for(dataset: str) -> tuple[str, ...]:

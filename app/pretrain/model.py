@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -84,7 +84,7 @@ def pooled_text_features(model: Any, tokenizer: Any, captions: Sequence[str]) ->
     tokens = tokenizer(list(captions))
     mask = (tokens != model.text.config.pad_token_id).long()
     out = model.text.transformer(input_ids=tokens, attention_mask=mask)
-    return model.text.pooler(out, mask).float()
+    return cast(torch.Tensor, model.text.pooler(out, mask).float())
 
 
 def export_checkpoint(model: Any, model_name: str, path: Path, extra: dict[str, str] | None = None) -> Path:

@@ -181,7 +181,7 @@ def train_base_model(
                 image_emb, bank, idx, captions, caption_image_t, scale, cfg.loss, soft, cfg.soft_weight
             )
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             step += 1
             running += float(loss.detach())

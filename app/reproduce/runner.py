@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -261,7 +261,7 @@ def knn_vote_logits(index: ExactIndex, images: np.ndarray, class_emb: np.ndarray
     best = sims.argmax(axis=2)
     for j in range(rows.shape[1]):
         np.add.at(votes, (np.arange(len(images))[valid[:, j]], best[valid[:, j], j]), 1.0)
-    return votes + 1e-3 * np.where(valid[..., None], sims, 0).sum(axis=1) / max(1, k)
+    return cast(np.ndarray, votes + 1e-3 * np.where(valid[..., None], sims, 0).sum(axis=1) / max(1, k))
 
 
 Row = dict[str, Any]

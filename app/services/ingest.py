@@ -14,7 +14,7 @@ import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from PIL import Image
@@ -376,7 +376,8 @@ class IngestService:
         if p.pixels is not None:
             return p.pixels
         if p.pixels_uint8 is not None:
-            return self.encoder.pixels_from_uint8(p.pixels_uint8[None])[0]  # type: ignore[attr-defined]
+            return cast(torch.Tensor, self.encoder.pixels_from_uint8(  # type: ignore[attr-defined]
+                p.pixels_uint8[None])[0])
         return self.encoder.preprocess(p.image if p.image is not None else _missing_pixels(p))
 
     def index_pending(self, announce: Callable[[str], None] | None = None) -> int:

@@ -207,7 +207,7 @@ class IngestLedger:
                     .where(IngestTask.job_id == o.ref.job_id, IngestTask.seq == o.ref.seq, IngestTask.state == QUEUED)
                     .values(state=str(o.state), item_id=o.item_id, reason=o.reason, detail=o.detail,
                             finished_at=utcnow()))
-                if result.rowcount == 1:  # else: another delivery recorded it
+                if getattr(result, "rowcount", 0) == 1:  # else: another delivery recorded it
                     moved += 1
                     s.add(IngestFailure(job_id=o.ref.job_id, source=o.source, reason=o.reason or "", detail=o.detail))
         for job_id in sorted({o.ref.job_id for o in outcomes}):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from pydantic import BaseModel, Field, model_validator
@@ -84,11 +84,11 @@ class SearchService:
 
     def embed_query(self, request: SearchRequest) -> np.ndarray:
         if request.text is not None:
-            return self.encoder.encode_texts([request.text])[0]
+            return cast(np.ndarray, self.encoder.encode_texts([request.text])[0])
         assert request.image_bytes is not None
         fit = getattr(self.encoder, "image_size", None)  # downscaled right after decoding: bounded memory
         image = open_image_safely(request.image_bytes, self.limits, fit=fit)
-        return self.encoder.encode_images([image])[0]
+        return cast(np.ndarray, self.encoder.encode_images([image])[0])
 
     def search(self, request: SearchRequest, refine: Refiner | None = None) -> SearchResponse:
         if not self.memory.exists():

@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -477,7 +477,7 @@ class ServingService:
                                    updated_at=e.updated_at) for e in self.repo.item_embeddings(item_id)]
         memory = self.live().memory
         in_memory = bool(memory is not None and memory.existing_ids([item_id]))
-        return item_out(item, ItemDetail, embeddings=embeddings, in_memory=in_memory)
+        return cast(ItemDetail, item_out(item, ItemDetail, embeddings=embeddings, in_memory=in_memory))
 
     def item_image(self, item_id: str) -> tuple[bytes, str]:
         """The item's image bytes (read from its source, checked against its hash) and a media type."""
