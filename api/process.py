@@ -23,7 +23,7 @@ class ServerLaunchError(RuntimeError):
 def start_server(settings: Settings, *, port: int | None = None, log: IO[bytes] | None = None,
                  env: dict[str, str] | None = None, timeout_s: float = 180.0) -> tuple[subprocess.Popen[bytes], str]:
     """``reco serve`` in its own process group; returns it and its URL once ``serve.json`` names it."""
-    from ui.cli import port_free, settings_env
+    from app.child_env import port_free, settings_env
 
     chosen = settings.api_port if port is None else port
     if chosen and not port_free(chosen, settings.api_host):

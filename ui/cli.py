@@ -7,23 +7,23 @@ otherwise, and runs headless (no browser opened) when there is no display.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import IO, Annotated, Any
+from typing import IO, Annotated
 
 import typer
-from pydantic import SecretStr
 
+from app.child_env import port_free, settings_env
 from app.config import Settings
+
+__all__ = ["UILaunchError", "default_headless", "launch_ui", "port_free", "settings_env", "streamlit_command"]
 
 APP_PATH = Path(__file__).resolve().parent / "app.py"
 HEALTH_PATH = "/_stcore/health"
@@ -38,38 +38,6 @@ def default_headless() -> bool:
     if sys.platform.startswith(("linux", "freebsd", "openbsd")):
         return not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
     return False
-
-
-def _env_value(value: Any) -> str:
-    if isinstance(value, SecretStr):
-        return value.get_secret_value()
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list | tuple | dict):
-        return json.dumps(value, default=str)
-    return str(value)
-
-
-def settings_env(settings: Settings, base: dict[str, str] | None = None) -> dict[str, str]:
-    """``base`` (default: this environment) with every settings field as ``RECO_<FIELD>``; unset fields removed."""
-    env = dict(os.environ if base is None else base)
-    for name in Settings.model_fields:
-        key = f"RECO_{name.upper()}"
-        env.pop(key, None)
-        value = getattr(settings, name)
-        if value is not None:
-            env[key] = _env_value(value)
-    return env
-
-
-def port_free(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def streamlit_command(settings: Settings, port: int, headless: bool) -> list[str]:

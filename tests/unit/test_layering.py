@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-FORBIDDEN_IN_APP = {"celery", "streamlit", "workers", "ui", "ingestion"}
+FORBIDDEN_IN_APP = {"celery", "streamlit", "workers", "ui", "ingestion", "api", "fastapi", "uvicorn"}
 
 
 def _imports(path: Path) -> set[str]:
@@ -36,3 +36,9 @@ def test_ingestion_and_workers_do_not_import_ui() -> None:
     for pkg in ("ingestion", "workers"):
         for p in (ROOT / pkg).rglob("*.py"):
             assert "ui" not in _imports(p) and "streamlit" not in _imports(p), p
+
+
+def test_api_is_a_thin_front_end() -> None:
+    """api/ (reco serve) calls app services (and ingestion's pipeline for jobs); never the UI or the workers."""
+    for p in (ROOT / "api").rglob("*.py"):
+        assert not _imports(p) & {"ui", "streamlit", "workers", "celery"}, p
