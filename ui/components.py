@@ -87,6 +87,22 @@ def thumbnail(source: str | None, settings: Settings, side: int = THUMB_SIDE) ->
         return None
 
 
+@st.cache_data(max_entries=64, show_spinner=False)
+def _small(digest: str, _data: bytes, side: int, max_bytes: int, max_pixels: int) -> bytes:
+    image = open_image_safely(_data, ImageLimits(max_bytes=max_bytes, max_pixels=max_pixels))
+    image.thumbnail((side, side))
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def small_image(data: bytes, settings: Settings, side: int = 384) -> bytes:
+    """An uploaded image, decoded under the limits and made small (ImageRejected when it is refused)."""
+    import hashlib
+
+    return _small(hashlib.sha256(data).hexdigest(), data, side, settings.max_image_bytes, settings.max_image_pixels)
+
+
 @st.cache_data(show_spinner=False)
 def placeholder(side: int = THUMB_SIDE, text: str = "image missing") -> bytes:
     image = Image.new("RGB", (side, side), (226, 228, 233))
@@ -166,6 +182,12 @@ def _neighbour_card(nb: Neighbour, settings: Settings, key: str, open_button: bo
     st.image(image or placeholder(), width="stretch",
              alt=f"neighbour: {caption}" if image else "neighbour: image missing")
     st.caption(caption or "_no caption_")
+    others = [c for c in nb.captions if c != nb.caption]
+    if others:
+        st.caption(f"+{len(others)} more caption{'s' if len(others) > 1 else ''}: " + " · ".join(
+            c if len(c) <= 60 else c[:57] + "…" for c in others[:4]))
+    if nb.label_name or nb.label is not None:
+        st.caption(f"class **{nb.label_name or nb.label}**" + (f" · {nb.dataset}" if nb.dataset else ""))
     line = f"similarity **{nb.score:.3f}**"
     if nb.attention is not None:
         line += f" · attention **{nb.attention:.1%}**"

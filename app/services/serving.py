@@ -37,7 +37,7 @@ from app.refine import Refiner, refiner_from_checkpoint
 from app.schemas import JobStatus, Modality, RefineMode
 from app.services.method_common import MethodError, checkpoint_label, resolve_checkpoint, resolve_device
 from app.services.predict import ClassScore, PredictRequest, predict_image
-from app.services.search import SearchRequest, SearchResult, SearchService
+from app.services.search import SearchRequest, SearchResult, SearchService, default_target
 from app.services.status import memory_status
 from app.zeroshot import ClassEmbeddingCache
 
@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 SAMPLE_ROOT = Path(__file__).resolve().parents[2] / "sample"
 MAX_CLASSES = 5_000
+CAPTIONS_PER_IMAGE = 5  # caption hits fetched per wanted image when grouping (Flickr8k has five per image)
 
 
 # --- what it answers ------------------------------------------------------------------------------------
@@ -59,7 +60,9 @@ class NeighbourOut(BaseModel):
     dataset: str | None = None
     split: str | None = None
     label: int | None = None
+    label_name: str | None = None  # the class name of ``label`` (its dataset's classes.txt)
     image_hash: str | None = None
+    captions: list[str] = []  # every caption the memory holds for this image (one result per image)
 
 
 class PredictQuery(BaseModel):
@@ -180,6 +183,7 @@ class JobOut(BaseModel):
     duplicates: int
     failed: int
     total: int | None = None  # rows to go through, when known (a running job's progress = seen / total)
+    cancel_requested: bool = False
     error: str | None = None
     started_at: datetime
     finished_at: datetime | None = None
@@ -203,7 +207,8 @@ def item_out(item: Item, model: type[ItemOut] = ItemOut, **extra: Any) -> Any:
 def neighbour_of(hit: SearchHit | SearchResult, attention: float | None = None) -> NeighbourOut:
     if isinstance(hit, SearchResult):
         return NeighbourOut(item_id=hit.item_id, caption=hit.caption, score=hit.score, attention=attention,
-                            source=hit.source, dataset=hit.dataset, split=hit.split, label=hit.label)
+                            source=hit.source, dataset=hit.dataset, split=hit.split, label=hit.label,
+                            image_hash=hit.image_hash)
     p = hit.payload
     return NeighbourOut(item_id=hit.item_id, caption=p.caption if p else "", score=hit.score, attention=attention,
                         source=p.source if p else None, dataset=p.dataset if p else None,
@@ -272,6 +277,8 @@ class ServingService:
         self._jobs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reco-serve-ingest")
         self._job_totals: dict[int, int | None] = {}
         self._job_futures: dict[int, Future[Any]] = {}
+        self._job_cancel: dict[int, threading.Event] = {}
+        self._label_cache: dict[str, tuple[tuple[str, int], list[str]]] = {}
         self.last_request = time.monotonic()  # the background indexer waits for quiet
 
     # --- live version, encoder, refiner ------------------------------------------------------------------
@@ -393,26 +400,28 @@ class ServingService:
 
     # --- search --------------------------------------------------------------------------------------------
     def search(self, query: SearchQuery) -> SearchAnswer:
+        """Ranks the target vectors (default: images — an image query finds similar images). With
+        ``distinct_images`` (default) each image is one result carrying all its captions: caption hits of one
+        image are collapsed (more hits are fetched so that k images come back)."""
         self.last_request = time.monotonic()
         live = self.live()
         if live.memory is None:
             raise LookupError("the memory is empty: ingest something first (reco ingest SOURCE)")
         service = SearchService(self.settings, encoder=live.encoder, memory=live.memory)
+        target = query.target or default_target(query.query_modality)
+        fetch = min(1000, query.k * CAPTIONS_PER_IMAGE) if query.distinct_images and target is Modality.TEXT else None
         refines = _refines(query.mode, query.query_modality)
-        if not refines:
-            found = service.search(query)
-            answer = SearchAnswer(results=[neighbour_of(r) for r in found.results], reco=False,
+        if not refines or live.refiner is None:
+            found = service.search(query, fetch=fetch)
+            answer = SearchAnswer(results=self._results(found.results, query), reco=False,
                                   query_modality=found.query_modality, target=found.target,
                                   encoder_id=found.encoder_id, random_weights=found.random_weights)
-            if query.mode is not RefineMode.CLIP:
+            if not refines and query.mode is not RefineMode.CLIP:
                 answer.reco_unavailable = (f"mode {query.mode} does not refine a {query.query_modality} query "
                                            "(use both, or the query's own side)")
+            elif refines:
+                answer.reco_unavailable = live.refiner_error
             return answer
-        if live.refiner is None:
-            found = service.search(query)
-            return SearchAnswer(results=[neighbour_of(r) for r in found.results], reco=False,
-                                query_modality=found.query_modality, target=found.target, encoder_id=found.encoder_id,
-                                random_weights=found.random_weights, reco_unavailable=live.refiner_error)
         refiner = live.refiner.with_k(query.k_prime)
         explanation: dict[str, Any] = {}
 
@@ -424,12 +433,48 @@ class ServingService:
             explanation["self_attention"] = result.self_attention
             return result.vector
 
-        found = service.search(query, refine=refine)
-        return SearchAnswer(results=[neighbour_of(r) for r in found.results], reco=True,
+        found = service.search(query, refine=refine, fetch=fetch)
+        return SearchAnswer(results=self._results(found.results, query), reco=True,
                             query_modality=found.query_modality, target=found.target, encoder_id=found.encoder_id,
                             random_weights=found.random_weights,
                             neighbours=self._with_metadata(explanation.get("neighbours", [])),
                             self_attention=explanation.get("self_attention"))
+
+    def _results(self, found: list[SearchResult], query: SearchQuery) -> list[NeighbourOut]:
+        """The hits as results: one per image (best score first, all its captions) unless asked otherwise."""
+        results = [neighbour_of(r) for r in found]
+        if query.distinct_images:
+            grouped: dict[str, NeighbourOut] = {}
+            for r in results:
+                grouped.setdefault(r.image_hash or r.item_id, r)
+            results = list(grouped.values())[: query.k]
+            captions = self.repo.captions_of_images([r.image_hash for r in results if r.image_hash])
+            for r in results:
+                r.captions = captions.get(r.image_hash or "", []) or ([r.caption] if r.caption else [])
+        return self._named(results)
+
+    def label_names(self, dataset: str | None) -> list[str] | None:
+        """The class names of a dataset in the memory (its ``classes.txt``, found as the class sets are)."""
+        if not dataset:
+            return None
+        path = class_sets(self.settings).get(dataset)
+        if path is None:
+            return None
+        key = (str(path), path.stat().st_mtime_ns)
+        cached = self._label_cache.get(dataset)
+        if cached is None or cached[0] != key:
+            try:
+                cached = self._label_cache[dataset] = (key, load_classes(path))
+            except Exception:  # noqa: BLE001 - an unreadable classes.txt: numbers instead of names
+                return None
+        return cached[1]
+
+    def _named(self, neighbours: list[NeighbourOut]) -> list[NeighbourOut]:
+        for n in neighbours:
+            names = self.label_names(n.dataset) if n.label is not None else None
+            if names and n.label is not None and 0 <= n.label < len(names):
+                n.label_name = names[n.label]
+        return neighbours
 
     def _with_metadata(self, neighbours: list[NeighbourOut]) -> list[NeighbourOut]:
         """Source, dataset and split from the metadata DB (one query)."""
@@ -444,7 +489,7 @@ class ServingService:
                 n.label = n.label if n.label is not None else item.label
                 n.caption = n.caption or item.caption
                 n.image_hash = n.image_hash or item.image_hash
-        return neighbours
+        return self._named(neighbours)
 
     # --- items ---------------------------------------------------------------------------------------------
     def list_items(self, *, filters: dict[str, Any] | None = None, offset: int = 0, limit: int = 50,
@@ -513,7 +558,7 @@ class ServingService:
                                         for n in refined.neighbours])
         n = k or self.settings.k_infer
         hits = memory.search(vector, Modality.IMAGE, n, exclude_ids=[item_id, *others], distinct_images=True)
-        return [neighbour_of(h) for h in hits][:n]
+        return self._named([neighbour_of(h) for h in hits][:n])
 
     def delete_item(self, item_id: str, reason: str) -> DeleteOut:
         """Takedown: vectors removed from every collection, the row marked deleted (time, reason), caches
@@ -539,8 +584,12 @@ class ServingService:
 
     # --- ingest jobs -------------------------------------------------------------------------------------
     def start_ingest(self, source: Path, *, kind: str, total: int | None = None,
-                     cleanup: Callable[[], None] | None = None) -> JobOut:
-        """Queue an ingestion of ``source`` (one job at a time, in this process); returns the job at once."""
+                     cleanup: Callable[[], None] | None = None, dataset: str | None = None,
+                     caption_template: str | None = None) -> JobOut:
+        """Queue an ingestion of ``source`` (one job at a time, in this process); returns the job at once.
+
+        ``total`` (rows to go through) is counted in the job's thread when not given, so every job has a
+        progress; ``dataset`` names the items; ``caption_template`` captions class-folder trees."""
         if self._ingest_runner is None:
             raise RuntimeError("this serving service was built without an ingest runner")
         from app.services.ingest import IngestService
@@ -549,11 +598,20 @@ class ServingService:
         ingest = IngestService(self.settings, encoder=live.encoder, repo=self.repo)
         job_id = ingest.start_job(str(source), kind)
         self._job_totals[job_id] = total
+        cancel = self._job_cancel[job_id] = threading.Event()
         runner = self._ingest_runner
+        options: dict[str, Any] = {k: v for k, v in (("dataset", dataset), ("caption_template", caption_template))
+                                   if v}
 
         def work() -> dict[str, Any]:
             try:
-                return runner(source, self.settings, service=ingest, job_id=job_id, progress=False)
+                if cancel.is_set():  # cancelled while it waited for the job before it
+                    ingest.finish_job(job_id, JobStatus.CANCELLED, "cancelled before it started")
+                    return {"job_id": job_id, "status": JobStatus.CANCELLED}
+                if self._job_totals.get(job_id) is None:  # the runner counts the rows first
+                    options["on_total"] = lambda n: self._job_totals.__setitem__(job_id, n)
+                return runner(source, self.settings, service=ingest, job_id=job_id, progress=False,
+                              cancelled=cancel.is_set, **options)
             except Exception as exc:
                 log.exception("ingest job %d failed", job_id)
                 ingest.finish_job(job_id, JobStatus.FAILED, f"{type(exc).__name__}: {exc}")
@@ -565,13 +623,27 @@ class ServingService:
         self._job_futures[job_id] = self._jobs.submit(work)
         return self.get_job(job_id)
 
+    def cancel_job(self, job_id: int) -> JobOut:
+        """Ask a job to stop: between two batches it ends as *cancelled*; what it stored stays. A job that
+        already ended is returned as it is."""
+        job = self.get_job(job_id, failures=0)
+        event = self._job_cancel.get(job_id)
+        if job.status == JobStatus.RUNNING and event is not None:
+            event.set()
+            log.warning("ingest job %d: cancel requested", job_id)
+        elif job.status == JobStatus.RUNNING:
+            raise LookupError(f"ingest job {job_id} is not run by this process (an embed worker's job)")
+        return self.get_job(job_id)
+
     def get_job(self, job_id: int, *, failures: int = 200) -> JobOut:
         job = self.repo.get_job(job_id)
         if job is None:
             raise LookupError(f"no ingest job {job_id}")
         return JobOut(id=job.id, source=job.source, kind=job.kind, status=job.status, seen=job.seen,
                       ingested=job.ingested, duplicates=job.duplicates, failed=job.failed,
-                      total=self._job_totals.get(job_id), error=job.error, started_at=job.started_at,
+                      total=self._job_totals.get(job_id),
+                      cancel_requested=bool(job_id in self._job_cancel and self._job_cancel[job_id].is_set()),
+                      error=job.error, started_at=job.started_at,
                       finished_at=job.finished_at,
                       failures=[FailureOut(source=f.source, reason=f.reason, detail=f.detail)
                                 for f in self.repo.job_failures(job_id, limit=failures)])

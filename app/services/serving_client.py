@@ -81,12 +81,25 @@ class ServingClient:
     def delete_item(self, item_id: str, reason: str) -> DeleteOut:
         return DeleteOut.model_validate(self.http.json("DELETE", f"/v1/items/{item_id}", params={"reason": reason}))
 
-    def ingest_upload(self, name: str, data: bytes) -> JobOut:
-        out = self.http.json("POST", "/v1/ingest", files=[("file", (name, data, "application/octet-stream"))])
+    def ingest_upload(self, name: str, data: bytes, *, dataset: str | None = None,
+                      caption_template: str | None = None) -> JobOut:
+        form = {k: v for k, v in (("dataset", dataset), ("caption_template", caption_template)) if v}
+        out = self.http.json("POST", "/v1/ingest", data=form,
+                             files=[("file", (name, data, "application/octet-stream"))])
         return JobOut.model_validate(out)
 
-    def ingest_path(self, path: Path) -> JobOut:
-        return JobOut.model_validate(self.http.json("POST", "/v1/ingest", json={"path": str(path)}))
+    def ingest_path(self, path: Path, *, dataset: str | None = None, caption_template: str | None = None) -> JobOut:
+        body = {"path": str(path)} | {k: v for k, v in (("dataset", dataset), ("caption_template", caption_template))
+                                      if v}
+        return JobOut.model_validate(self.http.json("POST", "/v1/ingest", json=body))
+
+    def cancel_job(self, job_id: int) -> JobOut:
+        try:
+            return JobOut.model_validate(self.http.json("POST", f"/v1/jobs/{job_id}/cancel"))
+        except ServerError as exc:
+            if exc.status in (404, 409):
+                raise LookupError(exc.message) from exc
+            raise
 
     def get_job(self, job_id: int) -> JobOut:
         return JobOut.model_validate(self.http.json("GET", f"/v1/jobs/{job_id}"))

@@ -199,8 +199,12 @@ def test_search_text_image_targets_filters_threshold_reco(server: Server) -> Non
         captions = http.post("/v1/search", json={"text": "a photo of a hat", "k": 5, "target": "text"}).json()
         assert captions["target"] == "text" and len(captions["results"]) == 5
         image = base64.b64encode(_image()).decode()
-        similar = http.post("/v1/search", json={"image_b64": image, "target": "image", "k": 4}).json()
-        assert similar["query_modality"] == "image" and len(similar["results"]) == 4
+        similar = http.post("/v1/search", json={"image_b64": image, "k": 4}).json()  # default: similar images
+        assert similar["query_modality"] == "image" and similar["target"] == "image" and len(similar["results"]) == 4
+        assert all(r["captions"] == [r["caption"]] and r["label_name"] in CLASSES + ["long-sleeve shirt", "outerwear",
+                   "pants", "shirt", "skirt"] for r in similar["results"])
+        by_caption = http.post("/v1/search", json={"image_b64": image, "target": "text", "k": 4}).json()
+        assert by_caption["target"] == "text" and len(by_caption["results"]) == 4
         assert len({r["item_id"] for r in similar["results"]}) == 4
         filtered = http.post("/v1/search", json={"text": "a hat", "k": 10, "filters": {"label": 1}}).json()
         assert filtered["results"] and all(r["label"] == 1 for r in filtered["results"])

@@ -44,7 +44,8 @@ def test_zip_is_ingested_failures_listed_and_retried(empty_ui_data: Path) -> Non
                      "blue.txt": b"a blue square", "nocaption.png": png_bytes(color=(0, 250, 0))})
     at = upload_zip(ingestion_page(), "squares.zip", data)
     assert not at.exception and not at.error, [e.value for e in at.error]
-    assert any("2 new, 0 duplicates, 1 failed" in s.value for s in at.success), [s.value for s in at.success]
+    assert any("finished with 1 failure" in w.value and "2 new, 0 duplicates, 1 failed" in w.value for w in at.warning), \
+        [w.value for w in at.warning]
     jobs = at.dataframe[0].value
     assert list(jobs["new"]) == [2] and list(jobs["status"]) == ["completed"]
     failures = at.dataframe[1].value

@@ -1,0 +1,91 @@
+"""The uploader's and the analyst's experience in a real Chromium: the UI as a client of a running
+``reco serve`` over the demo's memory (base encoder), each page driven as a person would. Screenshots at
+1400 px wide go to ``test-artifacts/`` (git-ignored) so a person can look."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.ui import WebDriverWait
+
+from tests.ui.conftest import base_settings, start_server, stop_process, val_images
+from tests.ui.test_browser import ARTIFACTS, WAIT_S, _free_port, assert_not_blank, chromium  # noqa: F401
+from ui.cli import launch_ui, stop_ui
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+@pytest.fixture
+def served_base_ui(base_memory: Path, tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """``reco serve`` over a copy of the base memory, and the UI (its client) on a free port."""
+    data_dir = tmp_path / "data"
+    shutil.copytree(base_memory, data_dir)
+    settings = base_settings(data_dir)
+    server = start_server(settings, tmp_path / "serve.log")
+    port = _free_port()
+    try:
+        with (tmp_path / "streamlit.log").open("wb") as log:
+            process = launch_ui(settings, port, block=False, headless=True, log=log)
+            assert process is not None
+            try:
+                yield f"http://127.0.0.1:{port}/", data_dir
+            finally:
+                stop_ui(process)
+    finally:
+        stop_process(server)
+        print((tmp_path / "streamlit.log").read_text(errors="replace")[-3000:])
+        print((tmp_path / "serve.log").read_text(errors="replace")[-3000:])
+
+
+def _body(driver: WebDriver) -> Callable[[], str]:
+    return lambda: str(driver.find_element(By.TAG_NAME, "body").text)
+
+
+def _click_text(driver: WebDriver, tag: str, text: str) -> None:
+    element = WebDriverWait(driver, WAIT_S).until(
+        lambda d: d.find_element(By.XPATH, f"//{tag}[.//p[normalize-space()='{text}']]"))
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
+    element.click()
+
+
+def screenshot(driver: WebDriver, name: str) -> Path:
+    """The whole page at 1400 px wide (the window grows to the page's height)."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    height = driver.execute_script(
+        "const m = document.querySelector('section.main, [data-testid=\"stMain\"]');"
+        "return Math.max(document.body.scrollHeight, m ? m.scrollHeight : 0)")
+    driver.set_window_size(1400, min(max(int(height) + 200, 900), 6000))
+    driver.execute_script("window.scrollTo(0, 0)")
+    path = ARTIFACTS / name
+    assert driver.save_screenshot(str(path))
+    assert_not_blank(path)
+    return path
+
+
+def test_similar_image_search_in_chromium(served_base_ui: tuple[str, Path], chromium: WebDriver) -> None:  # noqa: F811
+    url, _ = served_base_ui
+    driver, body = chromium, _body(chromium)
+    wait = WebDriverWait(driver, WAIT_S)
+    hat = next(path for path, label in val_images(1) if label == 1)
+    driver.get(url + "search")
+    wait.until(lambda _: "Query by" in body())
+    _click_text(driver, "label", "Image")
+    file_input = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "input[type='file']"))
+    file_input.send_keys(str(hat))
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "[data-testid='stFileChipName']"))
+    _click_text(driver, "button", "Search")
+    wait.until(lambda _: "image→image" in body() and "reco serve" in body())
+    text = body()
+    assert "Query: image " + hat.name in text and "Traceback" not in text
+    first = driver.find_elements(By.CSS_SELECTOR, "img[alt^='neighbour:']")
+    assert len(first) >= 5
+    classes = re.findall(r"class (.+?) · clothing10", text)  # each result card's class line, in rank order
+    assert classes and classes[0] == "hat", classes
+    assert driver.find_elements(By.CSS_SELECTOR, "img[alt^='query image']")
+    screenshot(driver, "ui-search.png")
