@@ -327,6 +327,38 @@ def test_ingest_upload_zip_manifest_and_server_path(server: Server) -> None:
         assert any(r["caption"] == "a plain square number 1" for r in found["results"])  # searchable at once
 
 
+def test_ingest_class_folders_dataset_name_total_and_cancel(server: Server) -> None:
+    """A zip of class folders without captions, captioned from a template and filed under a chosen dataset
+    name; a server-path job has a total (progress); cancel on a finished job returns it, unknown is 404."""
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("red_square/a.png", png_bytes((40, 40), (240, 10, 10)))
+        zf.writestr("green_square/b.png", png_bytes((40, 40), (10, 240, 10)))
+    with server.client(server.write) as http:
+        started = http.post("/v1/ingest", data={"dataset": "squares", "caption_template": "a photo of a {folder}."},
+                            files=[("file", ("classes.zip", archive.getvalue(), "application/zip"))])
+        assert started.status_code == 202, started.text
+        job = _wait_job(http, started.json()["id"])
+        assert (job["status"], job["ingested"], job["failed"], job["total"]) == ("completed", 2, 0, 2), job
+        items = http.get("/v1/items", params={"dataset": "squares"}).json()["items"]
+        assert sorted((i["caption"], i["label"]) for i in items) == [("a photo of a green square.", 0),
+                                                                      ("a photo of a red square.", 1)]
+        found = http.post("/v1/search", json={"text": "a photo of a red square.", "k": 1, "target": "text",
+                                              "filters": {"dataset": "squares"}}).json()["results"][0]
+        assert found["label_name"] == "red square"  # classes.txt written for the dataset
+        folder = server.manifests / "clothing10"
+        path_job = http.post("/v1/ingest", json={"path": str(folder / "manifest.csv")}).json()
+        done = _wait_job(http, path_job["id"])
+        assert done["total"] == 40, done  # counted before the work: a progress for server paths too
+        cancelled = http.post(f"/v1/jobs/{done['id']}/cancel")
+        assert cancelled.status_code == 200 and cancelled.json()["status"] == "completed"
+        _error(http.post("/v1/jobs/999999/cancel"), 404, "not_found")
+        _error(http.post("/v1/ingest", json={"path": str(folder), "caption_template": "a {label}"}), 400,
+               "invalid_request")
+    with server.client(server.read) as reader:
+        _error(reader.post(f"/v1/jobs/{done['id']}/cancel"), 403, "insufficient_scope")
+
+
 def test_ingest_errors(server: Server, tmp_path: Path) -> None:
     with server.client(server.write) as http:
         _error(http.post("/v1/ingest", json={"path": "/etc"}), 403, "path_outside_root")

@@ -89,3 +89,35 @@ def test_similar_image_search_in_chromium(served_base_ui: tuple[str, Path], chro
     assert classes and classes[0] == "hat", classes
     assert driver.find_elements(By.CSS_SELECTOR, "img[alt^='query image']")
     screenshot(driver, "ui-search.png")
+
+
+def test_ingestion_with_failures_is_amber_with_the_right_job(served_base_ui: tuple[str, Path], tmp_path: Path,
+                                                            chromium: WebDriver) -> None:  # noqa: F811
+    from tests.ui.conftest import png_bytes
+    from tests.ui.test_ingestion_page import make_zip
+
+    url, _ = served_base_ui
+    driver, body = chromium, _body(chromium)
+    wait = WebDriverWait(driver, WAIT_S)
+    archive = tmp_path / "mixed squares.zip"
+    archive.write_bytes(make_zip({f"b{n}.png": png_bytes(color=(n, 90, 90))[:60] for n in range(3)}
+                                 | {f"b{n}.txt": b"a broken square" for n in range(3)}
+                                 | {"blue.png": png_bytes((64, 64), (0, 0, 250)), "blue.txt": b"a blue square"}))
+    driver.get(url + "ingestion")
+    file_input = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "input[type='file']"))
+    file_input.send_keys(str(archive))
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "[data-testid='stFileChipName']"))
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "input[aria-label='Dataset name']")
+               .get_attribute("value") == "mixed squares")
+    _click_text(driver, "button", "Ingest the zip")
+    wait.until(lambda _: "finished with 3 failures" in body() and "Retry the failed items of job 2" in body())
+    text = body()
+    boxes = driver.find_elements(By.CSS_SELECTOR, "[data-testid='stSelectbox']")
+    chosen = [e.get_attribute("outerHTML") for e in boxes]
+    assert any("job 2 · 3 failed" in html for html in chosen), chosen  # the failures shown are the new job's
+    assert "has no failures" not in text and "Cancel the job" not in text
+    alert = driver.find_element(By.XPATH, "//*[contains(text(), 'finished with 3 failures')]"
+                                          "/ancestor::*[@data-testid='stAlertContainer']")
+    assert "Warning" in (alert.get_attribute("class") or "") + (alert.get_attribute("kind") or "") or \
+        "stAlertContentWarning" in alert.get_attribute("innerHTML"), alert.get_attribute("outerHTML")[:500]
+    screenshot(driver, "ui-ingestion.png")

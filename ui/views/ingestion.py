@@ -44,6 +44,8 @@ def upload_rejection(name: str, reason: str, detail: str) -> str:
     headline = UPLOAD_HEADLINES.get(reason, components.REJECTION_HEADLINES.get(reason, "refused"))
     if reason == RejectReason.CORRUPT and suffix not in {".zip"}:
         headline = "not a readable archive or manifest"
+    if reason == RejectReason.EMPTY_FILE and suffix == ".zip":
+        headline = "nothing to ingest in the archive"
     return f"**{printable(name)}** was rejected: {headline} (`{reason}`) — {detail}"
 
 
@@ -172,7 +174,8 @@ def _progress_line(job: JobOut | None, run: state.IngestRun) -> tuple[float | No
 def watch_run(run: state.IngestRun, settings: Settings) -> None:
     """Live progress while the job runs (this run of the page waits; navigating away does not stop the job).
     Cancel is clickable meanwhile: the click reruns the page, which asks the service to stop the job."""
-    if run.cancel is not None and st.button("Cancel the job", key=f"ingest_cancel_{id(run)}"):
+    slot = st.empty()
+    if run.cancel is not None and slot.button("Cancel the job", key=f"ingest_cancel_{id(run)}"):
         if run.job_id is not None:
             try:
                 run.cancel(run.job_id)
@@ -186,6 +189,7 @@ def watch_run(run: state.IngestRun, settings: Settings) -> None:
                          "counting …")
             line.write(text)
             time.sleep(POLL_S)
+        slot.empty()
         assert run.future is not None
         error = run.future.exception()
         job = job_of(run, settings)
@@ -289,7 +293,10 @@ def show_failures(settings: Settings, jobs: list[Any]) -> None:
 def naming(key: str, default: str, folders: bool) -> tuple[str, str]:
     """The dataset name and (for class-folder trees) the caption template, as typed."""
     left, right = st.columns(2)
-    dataset = left.text_input("Dataset name", default, key=f"{key}_dataset",
+    if st.session_state.get(f"{key}_for") != default:  # a new file: its name is the suggestion
+        st.session_state[f"{key}_dataset"] = default
+        st.session_state[f"{key}_for"] = default
+    dataset = left.text_input("Dataset name", key=f"{key}_dataset",
                               help="The items are filed (and filtered) under this name.")
     template = ""
     if folders:
