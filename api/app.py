@@ -30,6 +30,7 @@ from app.config import Settings
 from app.db.apikeys import ApiKeyRepo
 from app.manifest import resolve_confined
 from app.schemas import RefineMode
+from app.services.memory_map import MapQuery, MemoryMap
 from app.services.search import SearchOptions
 from app.services.serving import (
     DeleteOut,
@@ -83,6 +84,10 @@ class IngestOptions(BaseModel):
 
 class IngestPath(IngestOptions):
     path: str = Field(max_length=4096, description="A folder or manifest on the server, inside the allowed roots")
+
+
+class MapBody(MapQuery):
+    image_b64: str | None = Field(default=None, max_length=64 * 1024 * 1024)
 
 
 class SearchBody(SearchOptions, RefineOptions):
@@ -196,6 +201,18 @@ def create_app(settings: Settings, service: ServingService, *, uploads: Any = No
         fields = body.model_dump(exclude={"image_b64"})
         query = SearchQuery.model_validate(fields | {"image_bytes": image})
         return service.search(query)
+
+    @app.post("/v1/map", dependencies=[READ], tags=["items"])
+    def memory_map(body: MapBody) -> MemoryMap:
+        """A 2-D PCA map of the memory's image vectors (one point per image, class names), with an item or an
+        uploaded image (base64) marked as the query and its nearest images as neighbours."""
+        image = None
+        if body.image_b64 is not None:
+            try:
+                image = base64.b64decode(body.image_b64, validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise ApiError(400, "invalid_request", f"image_b64 is not base64: {exc}") from exc
+        return service.memory_map(MapQuery.model_validate(body.model_dump(exclude={"image_b64"})), image)
 
     # --- items --------------------------------------------------------------------------------------------
     @app.get("/v1/items", dependencies=[READ], tags=["items"])

@@ -15,7 +15,6 @@ from app.schemas import RejectReason
 from app.services.predict import ClassScore
 from ingestion.sources import IMAGE_SUFFIXES
 from ui.backend import Neighbour
-from ui.state import ITEM_KEY
 
 THUMB_SIDE = 256
 MEMORY_PAGE = "views/memory.py"
@@ -158,8 +157,8 @@ def compare_top_k(clip: Sequence[ClassScore], reco: Sequence[ClassScore] | None,
 
 # --- neighbours -----------------------------------------------------------------------------------------
 def open_item(item_id: str) -> None:
-    st.session_state[ITEM_KEY] = item_id
-    st.switch_page(MEMORY_PAGE)
+    """The item's own page, its id in the address (``/memory?item=ID``)."""
+    st.switch_page(MEMORY_PAGE, query_params={"item": item_id})
 
 
 def neighbour_grid(neighbours: Sequence[Neighbour], settings: Settings, *, key: str, columns: int = 5,

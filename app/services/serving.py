@@ -35,6 +35,7 @@ from app.memory.base import MemoryStore, MemoryStoreError, SearchHit, VectorMemo
 from app.memory.store import live_memory, open_store
 from app.refine import Refiner, refiner_from_checkpoint
 from app.schemas import JobStatus, Modality, RefineMode
+from app.services.memory_map import MapQuery, MemoryMap, memory_map
 from app.services.method_common import MethodError, checkpoint_label, resolve_checkpoint, resolve_device
 from app.services.predict import ClassScore, PredictRequest, predict_image
 from app.services.search import SearchRequest, SearchResult, SearchService, default_target
@@ -490,6 +491,27 @@ class ServingService:
                 n.caption = n.caption or item.caption
                 n.image_hash = n.image_hash or item.image_hash
         return self._named(neighbours)
+
+    # --- the memory's map -------------------------------------------------------------------------------------
+    def memory_map(self, query: MapQuery, image_bytes: bytes | None = None) -> MemoryMap:
+        """A 2-D PCA map of the image vectors (one point per image) with class names; an item or an uploaded
+        image marked as the query, with its nearest images."""
+        self.last_request = time.monotonic()
+        live = self.live()
+        if live.memory is None:
+            raise LookupError("the memory is empty: ingest something first (reco ingest SOURCE)")
+        vector = None
+        if image_bytes is not None:
+            vector = live.encoder.encode_images([open_image_safely(image_bytes, self.limits)])[0]
+        answer = memory_map(live.memory, query, query_vector=vector)
+        named = self._named([NeighbourOut(item_id=p.item_id, caption=p.caption, score=0.0, dataset=p.dataset,
+                                          label=p.label) for p in answer.points])
+        for point, n in zip(answer.points, named, strict=True):
+            point.label_name = n.label_name
+        if answer.query is not None and answer.query.label is not None:
+            answer.query.label_name = self._named([NeighbourOut(item_id="q", score=0.0, dataset=answer.query.dataset,
+                                                                label=answer.query.label)])[0].label_name
+        return answer
 
     # --- items ---------------------------------------------------------------------------------------------
     def list_items(self, *, filters: dict[str, Any] | None = None, offset: int = 0, limit: int = 50,

@@ -9,6 +9,7 @@ from typing import Any
 
 from app.config import Settings
 from app.remote import HttpClient, ServerError, ServerInfo
+from app.services.memory_map import MapQuery, MemoryMap
 from app.services.serving import (
     DeleteOut,
     ItemDetail,
@@ -54,6 +55,17 @@ class ServingClient:
             body["image_b64"] = base64.b64encode(query.image_bytes).decode("ascii")
         out = self.http.json("POST", "/v1/search", json=body)
         return SearchAnswer.model_validate(out | {"via": f"reco serve ({self.url})"})
+
+    def memory_map(self, query: MapQuery, image_bytes: bytes | None = None) -> MemoryMap:
+        body = query.model_dump(mode="json")
+        if image_bytes is not None:
+            body["image_b64"] = base64.b64encode(image_bytes).decode("ascii")
+        try:
+            return MemoryMap.model_validate(self.http.json("POST", "/v1/map", json=body))
+        except ServerError as exc:
+            if exc.status == 404:
+                raise LookupError(exc.message) from exc
+            raise
 
     def list_items(self, *, filters: dict[str, Any] | None = None, offset: int = 0, limit: int = 50,
                    caption_contains: str | None = None) -> ItemsPage:

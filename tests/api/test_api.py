@@ -216,6 +216,20 @@ def test_search_text_image_targets_filters_threshold_reco(server: Server) -> Non
         assert reco["reco"] and len(reco["neighbours"]) == 3 and reco["self_attention"] is not None
 
 
+def test_memory_map(server: Server) -> None:
+    with server.client(server.read) as http:
+        plain = http.post("/v1/map", json={}).json()
+        assert plain["total"] >= 39 and len(plain["points"]) == plain["total"] and plain["query"] is None
+        assert all(p["label_name"] for p in plain["points"])
+        item = plain["points"][0]["item_id"]
+        marked = http.post("/v1/map", json={"item_id": item, "k": 5}).json()
+        assert marked["query"]["item_id"] == item and sum(p["role"] == "neighbour" for p in marked["points"]) == 5
+        image = base64.b64encode(_image()).decode()
+        by_image = http.post("/v1/map", json={"image_b64": image, "k": 3}).json()
+        assert by_image["query"]["role"] == "query" and sum(p["role"] == "neighbour" for p in by_image["points"]) == 3
+        _error(http.post("/v1/map", json={"item_id": "no-such-item"}), 404, "not_found")
+
+
 def test_search_errors(server: Server) -> None:
     with server.client(server.read) as http:
         _error(http.post("/v1/search", json={"k": 5}), 400, "invalid_request")

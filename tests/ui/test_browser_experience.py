@@ -121,3 +121,41 @@ def test_ingestion_with_failures_is_amber_with_the_right_job(served_base_ui: tup
     assert "Warning" in (alert.get_attribute("class") or "") + (alert.get_attribute("kind") or "") or \
         "stAlertContentWarning" in alert.get_attribute("innerHTML"), alert.get_attribute("outerHTML")[:500]
     screenshot(driver, "ui-ingestion.png")
+
+
+def test_memory_grid_item_url_back_and_map(served_base_ui: tuple[str, Path], chromium: WebDriver) -> None:  # noqa: F811
+    from app.config import Settings
+    from app.db.repo import MetadataRepo
+
+    url, data_dir = served_base_ui
+    driver, body = chromium, _body(chromium)
+    wait = WebDriverWait(driver, WAIT_S)
+    driver.get(url + "memory")
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "img[alt^='memory item:']")) >= 20
+               and "class dress" in body())
+    assert "200 items · page 1 of 10" in body()
+    screenshot(driver, "ui-memory-grid.png")
+    # an item's own URL, opened directly (a fresh session, as a shared link would be)
+    item = MetadataRepo.from_url(Settings(data_dir=data_dir).resolved_database_url).list_items(limit=1)[0][0]
+    driver.get(url + f"memory?item={item.id}")
+    wait.until(lambda _: "Memory item" in body() and item.caption in body() and "Its neighbours" in body())
+    assert item.id in body()
+    screenshot(driver, "ui-memory-item.png")
+    # from the grid through an item's Open link, then the browser's Back returns to the grid
+    driver.get(url + "memory")
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "img[alt^='memory item:']"))
+    link = wait.until(lambda d: d.find_element(By.XPATH, "//a[normalize-space()='Open']"))
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", link)
+    link.click()
+    wait.until(lambda d: "item=" in d.current_url and "Memory item" in body())
+    opened = driver.current_url
+    driver.back()
+    wait.until(lambda d: "item=" not in d.current_url and "items · page 1 of 10" in body())
+    driver.forward()
+    wait.until(lambda d: d.current_url == opened and "Memory item" in body())
+    # the map, with that item as the query and its nearest images ringed
+    driver.get(url + f"memory?near={item.id}&view=map")
+    wait.until(lambda d: "The query's 8 nearest images" in body()
+               and d.find_elements(By.CSS_SELECTOR, "canvas, svg.marks"))
+    assert "variance" in body()
+    screenshot(driver, "ui-memory-map.png")

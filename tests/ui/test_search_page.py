@@ -84,7 +84,7 @@ def test_result_opens_its_item_page(ui_data: Path) -> None:
     opens[0].click().run()
     assert not at.exception, at.exception
     assert at.title[0].value == "Memory item"
-    assert at.session_state["memory_item"] == item_id
+    assert at.query_params["item"] == [item_id] or at.query_params["item"] == item_id
 
 
 def test_similar_image_search_returns_the_query_class_first(base_ui_data: Path) -> None:
