@@ -33,6 +33,7 @@ from app.schemas import RefineMode
 from app.services.memory_map import MapQuery, MemoryMap
 from app.services.search import SearchOptions
 from app.services.serving import (
+    ClassCoverage,
     DeleteOut,
     ItemDetail,
     ItemsPage,
@@ -84,6 +85,11 @@ class IngestOptions(BaseModel):
 
 class IngestPath(IngestOptions):
     path: str = Field(max_length=4096, description="A folder or manifest on the server, inside the allowed roots")
+
+
+class CoverageBody(BaseModel):
+    labels: list[str] | None = Field(default=None, max_length=5000)
+    class_set: str | None = Field(default=None, max_length=128)
 
 
 class MapBody(MapQuery):
@@ -185,6 +191,13 @@ def create_app(settings: Settings, service: ServingService, *, uploads: Any = No
         data = [(f.filename or f"image-{i}", await read_capped(f, settings.max_image_bytes, f.filename or "an image"))
                 for i, f in enumerate(images)]
         return PredictAnswer(predictions=await run_in_threadpool(service.predict, data, query))
+
+    @app.post("/v1/classes/coverage", dependencies=[READ], tags=["method"])
+    def class_coverage(body: CoverageBody) -> ClassCoverage:
+        """Which classes of a class set (labels, or a dataset's classes.txt by name) the memory holds: some
+        caption mentions the class. RECO out of its memory's domain can turn right answers wrong."""
+        labels = service.resolve_classes(PredictQuery(labels=body.labels, class_set=body.class_set))
+        return service.class_coverage(labels)
 
     @app.post("/v1/search", dependencies=[READ], tags=["method"])
     def search(body: SearchBody) -> SearchAnswer:

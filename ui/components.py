@@ -148,9 +148,10 @@ def compare_top_k(clip: Sequence[ClassScore], reco: Sequence[ClassScore] | None,
         else:
             ranked_list(reco, clip)
     if reco and clip:
-        if reco[0].name != clip[0].name:
-            st.success(f"RECO changed the top-1: **{clip[0].name}** ({clip[0].score:.1%}) → "
-                       f"**{reco[0].name}** ({reco[0].score:.1%})")
+        if reco[0].name != clip[0].name:  # neutral: a change is not by itself an improvement
+            st.info(f"RECO's top-1 differs from CLIP's: **{clip[0].name}** ({clip[0].score:.1%}) → "
+                    f"**{reco[0].name}** ({reco[0].score:.1%}). Which is right depends on whether the memory "
+                    "holds this kind of image — see how related it was below.", icon=":material/compare_arrows:")
         else:
             st.caption(f"Same top-1 as CLIP: **{clip[0].name}** ({clip[0].score:.1%} → {reco[0].score:.1%}).")
 

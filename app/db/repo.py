@@ -238,6 +238,11 @@ class MetadataRepo:
         with self.session() as s:
             return list(s.scalars(select(column).where(column.is_not(None)).distinct().order_by(column).limit(limit)))
 
+    def distinct_captions(self, limit: int = 500_000) -> list[str]:
+        """The distinct captions of the items in the memory (not taken down)."""
+        with self.session() as s:
+            return list(s.scalars(select(Item.caption).where(Item.deleted_at.is_(None)).distinct().limit(limit)))
+
     def count_items(self) -> int:
         with self.session() as s:
             return int(s.scalar(select(func.count()).select_from(Item)) or 0)

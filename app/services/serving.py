@@ -92,6 +92,39 @@ class PredictQuery(BaseModel):
         return self
 
 
+class ClassExplanation(BaseModel):
+    """How the text side decided for one class: its prompt refined by text→text search, the captions it
+    retrieved, their similarity and the fusion's attention on each."""
+
+    name: str
+    prompt: str
+    neighbours: list[NeighbourOut] = []
+    self_attention: float | None = None
+
+
+class Relatedness(BaseModel):
+    """How related the memory was to the query: the similarity of its nearest memory image, against the
+    same figure for the memory's own images (their nearest other image), measured on a sample of them."""
+
+    top_similarity: float
+    typical: float | None = None  # median over the sample
+    low: float | None = None  # 5th percentile over the sample: below it, the query is outside the memory's domain
+    sample: int = 0
+
+    @property
+    def outside(self) -> bool:
+        return self.low is not None and self.top_similarity < self.low
+
+
+class ClassCoverage(BaseModel):
+    """Which classes the memory holds: a class counts as held when some caption mentions it."""
+
+    classes: int
+    held: int
+    missing: list[str]  # the classes no caption mentions (first 50)
+    missing_count: int
+
+
 class PredictionOut(BaseModel):
     name: str
     clip: list[ClassScore]
@@ -102,6 +135,8 @@ class PredictionOut(BaseModel):
     checkpoint: str | None = None
     neighbours: list[NeighbourOut] = []
     self_attention: float | None = None
+    class_explanations: list[ClassExplanation] = []  # modes text/both: the top classes' prompt neighbours
+    relatedness: Relatedness | None = None
     reco_unavailable: str | None = None  # why there is no RECO answer (no checkpoint, empty memory, ...)
     via: str = "in-process"
 
@@ -280,6 +315,8 @@ class ServingService:
         self._job_futures: dict[int, Future[Any]] = {}
         self._job_cancel: dict[int, threading.Event] = {}
         self._label_cache: dict[str, tuple[tuple[str, int], list[str]]] = {}
+        self._relatedness_cache: dict[tuple[str, int], dict[str, Any]] = {}
+        self._captions_cache: tuple[int, str] | None = None
         self.last_request = time.monotonic()  # the background indexer waits for quiet
 
     # --- live version, encoder, refiner ------------------------------------------------------------------
@@ -378,6 +415,8 @@ class ServingService:
             clip = run(RefineMode.CLIP)
             answer = PredictionOut(name=name, clip=clip.predictions, mode=query.mode, k=k,
                                    encoder_id=live.encoder.encoder_id)
+            if live.memory is not None:
+                answer.relatedness = self.relatedness(live, vector)
             if query.mode is RefineMode.CLIP:
                 out.append(answer)
                 continue
@@ -396,8 +435,78 @@ class ServingService:
             answer.neighbours = self._with_metadata([
                 NeighbourOut(item_id=n.item_id, caption=n.caption or "", score=n.score, attention=n.attention)
                 for n in reco.neighbours])
+            if query.mode in (RefineMode.TEXT, RefineMode.BOTH):
+                answer.class_explanations = self._explain_classes(live, [c.name for c in reco.predictions[:3]],
+                                                                  query.templates, k)
             out.append(answer)
         return out
+
+    def _explain_classes(self, live: _Live, names: list[str], templates: str | None, k: int) -> list[ClassExplanation]:
+        """Each class's first prompt, refined as the text side refines it: what it retrieved and how the
+        fusion weighed it (the class embedding averages this over the prompt templates)."""
+        from app.zeroshot import resolve_templates
+
+        assert live.refiner is not None
+        template = resolve_templates(templates)[0]
+        prompts = [template.replace("{c}", n) for n in names]
+        vectors = live.encoder.encode_texts(prompts)
+        refiner = live.refiner.with_k(k)
+        out = []
+        for name, prompt, vector in zip(names, prompts, vectors, strict=True):
+            result = refiner.refine_one(vector, Modality.TEXT)
+            out.append(ClassExplanation(name=name, prompt=prompt, self_attention=result.self_attention,
+                                        neighbours=self._with_metadata([
+                                            NeighbourOut(item_id=n.item_id, caption=n.caption or "", score=n.score,
+                                                         attention=n.attention, image_hash=n.image_hash)
+                                            for n in result.neighbours])))
+        return out
+
+    def relatedness(self, live: _Live, vector: np.ndarray) -> Relatedness | None:
+        """The query's nearest memory image against the memory's own nearest-image similarities."""
+        assert live.memory is not None
+        hits = live.memory.search(vector, Modality.IMAGE, 1)
+        if not hits:
+            return None
+        typical = self._typical_relatedness(live)
+        return Relatedness(top_similarity=hits[0].score, **typical)
+
+    def _typical_relatedness(self, live: _Live, sample: int = 64) -> dict[str, Any]:
+        """Median and 5th percentile of "nearest other image" similarity over a sample of the memory's images,
+        cached per collection and size (one batched search)."""
+        memory = live.memory
+        assert memory is not None
+        key = (memory.collection, memory.count())
+        cached = self._relatedness_cache.get(key)
+        if cached is not None:
+            return cached
+        points = list(next(iter(memory.scroll(limit=sample, with_vectors=True)), []))[:sample]
+        if len(points) < 5:
+            return {}
+        vectors = np.stack([p.vector(Modality.IMAGE) for p in points])
+        found = memory.search_batch(vectors, Modality.IMAGE, 12)
+        best = []
+        for point, hits in zip(points, found, strict=True):
+            own = point.payload.image_hash if point.payload else None
+            others = [h.score for h in hits if h.item_id != point.item_id
+                      and (h.payload is None or h.payload.image_hash != own)]
+            if others:
+                best.append(others[0])
+        if not best:
+            return {}
+        value = {"typical": float(np.median(best)), "low": float(np.percentile(best, 5)), "sample": len(best)}
+        self._relatedness_cache[key] = value
+        return value
+
+    def class_coverage(self, labels: list[str]) -> ClassCoverage:
+        """Which of ``labels`` the memory holds: some caption mentions the class name (case-insensitive,
+        '_' and '-' read as spaces). One pass over the memory's distinct captions, cached per item count."""
+        count = self.repo.count_items()
+        if self._captions_cache is None or self._captions_cache[0] != count:
+            self._captions_cache = (count, " \n ".join(_words(c) for c in self.repo.distinct_captions()))
+        text = self._captions_cache[1]
+        missing = [label for label in labels if _words(label) not in text]
+        return ClassCoverage(classes=len(labels), held=len(labels) - len(missing), missing=missing[:50],
+                             missing_count=len(missing))
 
     # --- search --------------------------------------------------------------------------------------------
     def search(self, query: SearchQuery) -> SearchAnswer:
@@ -693,6 +802,13 @@ class ServingService:
 
     def close(self) -> None:
         self._jobs.shutdown(wait=False, cancel_futures=True)
+
+
+def _words(text: str) -> str:
+    """Lower case, punctuation and '_'/'-' as spaces, padded: whole-word containment by substring."""
+    import re
+
+    return " " + " ".join(re.sub(r"[^0-9a-z]+", " ", text.lower()).split()) + " "
 
 
 def _refines(mode: RefineMode, query: Modality) -> bool:

@@ -11,6 +11,7 @@ from app.config import Settings
 from app.remote import HttpClient, ServerError, ServerInfo
 from app.services.memory_map import MapQuery, MemoryMap
 from app.services.serving import (
+    ClassCoverage,
     DeleteOut,
     ItemDetail,
     ItemsPage,
@@ -55,6 +56,9 @@ class ServingClient:
             body["image_b64"] = base64.b64encode(query.image_bytes).decode("ascii")
         out = self.http.json("POST", "/v1/search", json=body)
         return SearchAnswer.model_validate(out | {"via": f"reco serve ({self.url})"})
+
+    def class_coverage(self, labels: list[str]) -> ClassCoverage:
+        return ClassCoverage.model_validate(self.http.json("POST", "/v1/classes/coverage", json={"labels": labels}))
 
     def memory_map(self, query: MapQuery, image_bytes: bytes | None = None) -> MemoryMap:
         body = query.model_dump(mode="json")

@@ -230,6 +230,19 @@ def test_memory_map(server: Server) -> None:
         _error(http.post("/v1/map", json={"item_id": "no-such-item"}), 404, "not_found")
 
 
+def test_class_coverage_and_text_side_explanation(server: Server) -> None:
+    with server.client(server.read) as http:
+        coverage = http.post("/v1/classes/coverage", json={"labels": ["hat", "golf ball", "dress"]}).json()
+        assert (coverage["held"], coverage["missing"]) == (2, ["golf ball"])
+        assert http.post("/v1/classes/coverage", json={"class_set": "clothing10"}).json()["missing_count"] == 0
+        answer = http.post("/v1/predict", data={"class_set": "clothing10", "mode": "text"},
+                           files=[("images", ("q.jpg", _image(), "image/jpeg"))]).json()["predictions"][0]
+        assert len(answer["class_explanations"]) == 3 and answer["neighbours"] == []
+        assert all(len(c["neighbours"]) == 4 and c["neighbours"][0]["attention"] is not None
+                   for c in answer["class_explanations"])
+        assert answer["relatedness"]["top_similarity"] > 0 and answer["relatedness"]["sample"] >= 5
+
+
 def test_search_errors(server: Server) -> None:
     with server.client(server.read) as http:
         _error(http.post("/v1/search", json={"k": 5}), 400, "invalid_request")

@@ -159,3 +159,42 @@ def test_memory_grid_item_url_back_and_map(served_base_ui: tuple[str, Path], chr
                and d.find_elements(By.CSS_SELECTOR, "canvas, svg.marks"))
     assert "variance" in body()
     screenshot(driver, "ui-memory-map.png")
+
+
+@pytest.fixture
+def served_fused_ui(prepared_memory: Path, tmp_path: Path) -> Iterator[str]:
+    """``reco serve`` over a copy of the prepared memory (tiny encoder, with a fusion checkpoint) and its UI."""
+    from tests.ui.conftest import memory_settings
+
+    data_dir = tmp_path / "data"
+    shutil.copytree(prepared_memory, data_dir)
+    settings = memory_settings(data_dir)
+    server = start_server(settings, tmp_path / "serve.log")
+    port = _free_port()
+    try:
+        with (tmp_path / "streamlit.log").open("wb") as log:
+            process = launch_ui(settings, port, block=False, headless=True, log=log)
+            assert process is not None
+            try:
+                yield f"http://127.0.0.1:{port}/"
+            finally:
+                stop_ui(process)
+    finally:
+        stop_process(server)
+
+
+def test_text_side_explanation_in_chromium(served_fused_ui: str, chromium: WebDriver) -> None:  # noqa: F811
+    from tests.ui.conftest import sample_image
+
+    driver, body = chromium, _body(chromium)
+    wait = WebDriverWait(driver, WAIT_S)
+    driver.get(served_fused_ui)
+    wait.until(lambda _: "RECO mode" in body() and "The memory's captions mention all 10 classes" in body())
+    file_input = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "input[type='file']"))
+    file_input.send_keys(str(sample_image()))
+    wait.until(lambda _: "Why RECO answered as it did" in body() and "Nearest memory image" in body()
+               and body().count("retrieved these captions (text→text)") == 3)
+    text = body()
+    assert "Text side: the top classes' prompts" in text and "Image side: the image's neighbours" in text
+    assert "reco serve" in text and "RECO changed the top-1" not in text
+    screenshot(driver, "ui-predict-explained.png")
