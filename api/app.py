@@ -34,6 +34,7 @@ from app.services.memory_map import MapQuery, MemoryMap
 from app.services.search import SearchOptions
 from app.services.serving import (
     ClassCoverage,
+    ClassSetPrepared,
     DeleteOut,
     ItemDetail,
     ItemsPage,
@@ -90,6 +91,12 @@ class IngestPath(IngestOptions):
 class CoverageBody(BaseModel):
     labels: list[str] | None = Field(default=None, max_length=5000)
     class_set: str | None = Field(default=None, max_length=128)
+
+
+class PrepareBody(CoverageBody):
+    mode: RefineMode = RefineMode.BOTH
+    k: int | None = Field(default=None, ge=1, le=1000)
+    templates: str | None = Field(default=None, max_length=200)
 
 
 class MapBody(MapQuery):
@@ -198,6 +205,13 @@ def create_app(settings: Settings, service: ServingService, *, uploads: Any = No
         caption mentions the class. RECO out of its memory's domain can turn right answers wrong."""
         labels = service.resolve_classes(PredictQuery(labels=body.labels, class_set=body.class_set))
         return service.class_coverage(labels)
+
+    @app.post("/v1/classes/prepare", dependencies=[READ], tags=["method"])
+    def prepare_classes(body: PrepareBody) -> ClassSetPrepared:
+        """Compute the class embeddings a prediction against these classes needs (CLIP's and, for modes
+        text/both, the refined ones), batched and cached: send a large set in chunks to show progress."""
+        return service.prepare_classes(PredictQuery(labels=body.labels, class_set=body.class_set, mode=body.mode,
+                                                    k=body.k, templates=body.templates))
 
     @app.post("/v1/search", dependencies=[READ], tags=["method"])
     def search(body: SearchBody) -> SearchAnswer:

@@ -116,6 +116,13 @@ class Relatedness(BaseModel):
         return self.low is not None and self.top_similarity < self.low
 
 
+class ClassSetPrepared(BaseModel):
+    classes: int
+    refined: bool  # the refined (text-side) embeddings too
+    seconds: float
+    cached: bool  # found (at least partly) in the cache
+
+
 class ClassCoverage(BaseModel):
     """Which classes the memory holds: a class counts as held when some caption mentions it."""
 
@@ -305,7 +312,9 @@ class ServingService:
         self._given_encoder = encoder
         self._encoders: dict[str, Encoder] = {}
         self.limits = ImageLimits.from_settings(settings)
-        self.class_cache = ClassEmbeddingCache(Path(settings.data_dir) / "cache" / "zeroshot")
+        from app.services.predict import _cache
+
+        self.class_cache: ClassEmbeddingCache = _cache(settings)  # the one predictions use (rows and sets)
         self._lock = threading.RLock()
         self._live: _Live | None = None
         self._checked_at = 0.0
@@ -394,6 +403,35 @@ class ServingService:
         if query.class_set not in sets:
             raise LookupError(f"unknown class set {query.class_set!r}; known: {', '.join(sorted(sets)) or 'none'}")
         return load_classes(sets[query.class_set])
+
+    def prepare_classes(self, query: PredictQuery,
+                        progress: Callable[[int, int], None] | None = None) -> ClassSetPrepared:
+        """Compute (or find cached) the class embeddings a prediction against this class set needs: CLIP's, and
+        for modes text/both the refined ones — batched, cached on disk across restarts. ``progress(done, total)``
+        counts class embeddings (twice the classes when the prompts are refined). A front end prepares a large
+        set in chunks of labels to show a progress bar; the full set is then assembled from the chunks' rows."""
+        from app.services.predict import _cache
+        from app.zeroshot import ZeroShotClassifier
+
+        started = time.perf_counter()
+        classes = self.resolve_classes(query)
+        live = self.live()
+        k = query.k or self.settings.k_infer
+        refines = query.mode in (RefineMode.TEXT, RefineMode.BOTH) and live.refiner is not None
+        total = len(classes) * (2 if refines else 1)
+        cache = _cache(self.settings)
+        hits = cache.hits
+        clip = ZeroShotClassifier(classes, live.encoder, templates=query.templates, cache=cache)
+        clip.class_embeddings(RefineMode.CLIP, progress=lambda d, _t: progress and progress(d, total))
+        if refines:
+            assert live.refiner is not None
+            refined = ZeroShotClassifier(classes, live.encoder, templates=query.templates,
+                                         refiner=live.refiner.with_k(k), checkpoint_id=live.checkpoint_label or "none",
+                                         cache=cache)
+            refined.class_embeddings(RefineMode.TEXT,
+                                     progress=lambda d, _t: progress and progress(len(classes) + d, total))
+        return ClassSetPrepared(classes=len(classes), refined=refines, seconds=time.perf_counter() - started,
+                                cached=cache.hits > hits)
 
     def predict(self, images: list[tuple[str, bytes]], query: PredictQuery) -> list[PredictionOut]:
         """CLIP and RECO for each image: one decode and one encode per image; class embeddings cached."""

@@ -12,6 +12,7 @@ from app.remote import HttpClient, ServerError, ServerInfo
 from app.services.memory_map import MapQuery, MemoryMap
 from app.services.serving import (
     ClassCoverage,
+    ClassSetPrepared,
     DeleteOut,
     ItemDetail,
     ItemsPage,
@@ -56,6 +57,14 @@ class ServingClient:
             body["image_b64"] = base64.b64encode(query.image_bytes).decode("ascii")
         out = self.http.json("POST", "/v1/search", json=body)
         return SearchAnswer.model_validate(out | {"via": f"reco serve ({self.url})"})
+
+    def prepare_classes(self, query: PredictQuery, progress: Any = None) -> ClassSetPrepared:
+        body = query.model_dump(mode="json", exclude={"top"}, exclude_none=True)
+        out = ClassSetPrepared.model_validate(self.http.json("POST", "/v1/classes/prepare", json=body))
+        if progress is not None:
+            n = out.classes * (2 if out.refined else 1)
+            progress(n, n)
+        return out
 
     def class_coverage(self, labels: list[str]) -> ClassCoverage:
         return ClassCoverage.model_validate(self.http.json("POST", "/v1/classes/coverage", json={"labels": labels}))

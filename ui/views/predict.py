@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import time
 from pathlib import Path
 
 import streamlit as st
@@ -158,6 +159,40 @@ def flag_uncovered(settings: Settings, classes: list[str]) -> None:
                "or compare with CLIP.", icon=":material/warning:")
 
 
+PREPARE_CHUNK = 50  # labels per step of a class set's preparation (the progress bar's granularity)
+
+
+def prepare_classes(settings: Settings, classes: list[str], mode: str, k: int) -> None:
+    """The class set's embeddings computed before the first prediction, in chunks under a progress bar (the
+    service batches each chunk and caches it; later predictions, and restarts, find them ready)."""
+    if settings.ui_use_workers:
+        return  # the refine worker prepares them itself
+    key = ("prepared", state.fingerprint(settings), tuple(classes), mode, k)
+    done: set[tuple[object, ...]] = st.session_state.setdefault(CACHE_KEY + "_prepared", set())
+    if key in done:
+        return
+    from app.services.serving import PredictQuery
+
+    service = state.service(settings)
+    started = time.perf_counter()
+    bar = st.progress(0.0, text=f"Preparing the {len(classes)} classes (prompt embeddings, refined by the memory) …")
+    try:
+        for start in range(0, len(classes), PREPARE_CHUNK):
+            chunk = classes[start: start + PREPARE_CHUNK]
+            service.prepare_classes(PredictQuery(labels=chunk, mode=RefineMode(mode), k=k))
+            ready = min(len(classes), start + len(chunk))
+            bar.progress(ready / len(classes), text=f"Preparing the classes: {ready} of {len(classes)} …")
+        prepared = service.prepare_classes(PredictQuery(labels=classes, mode=RefineMode(mode), k=k))
+    except (MethodError, MemoryStoreError, LookupError, ValueError) as exc:
+        bar.empty()
+        st.caption(f"(the class set was not prepared ahead: {exc})")
+        return
+    bar.empty()
+    done.add(key)
+    st.caption(f"{prepared.classes} classes ready in {time.perf_counter() - started:.1f} s"
+               + (" (CLIP and refined prompts)" if prepared.refined else "") + "; cached for later predictions.")
+
+
 def predict_one(index: int, name: str, data: bytes, classes: list[str], mode: str, k: int,
                 settings: Settings) -> None:
     problem = components.check_image_upload(name, data, settings)
@@ -201,6 +236,7 @@ def render() -> None:
         return
     if len(files) > settings.upload_max_files:
         st.warning(f"Only the first {settings.upload_max_files} of {len(files)} files are classified.")
+    prepare_classes(settings, classes, mode, k)
     for index, file in enumerate(files[: settings.upload_max_files]):
         predict_one(index, file.name, file.getvalue(), classes, mode, k, settings)
 
