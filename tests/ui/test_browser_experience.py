@@ -198,3 +198,16 @@ def test_text_side_explanation_in_chromium(served_fused_ui: str, chromium: WebDr
     assert "Text side: the top classes' prompts" in text and "Image side: the image's neighbours" in text
     assert "reco serve" in text and "RECO changed the top-1" not in text
     screenshot(driver, "ui-predict-explained.png")
+
+
+def test_evaluation_and_operations_pages_in_chromium(served_base_ui: tuple[str, Path],
+                                                     chromium: WebDriver) -> None:  # noqa: F811
+    url, _ = served_base_ui
+    driver, body = chromium, _body(chromium)
+    wait = WebDriverWait(driver, WAIT_S)
+    for page, title in (("evaluation", "Evaluation"), ("operations", "Operations")):
+        driver.get(url + page)
+        wait.until(lambda _, t=title: t in body() and "Running" not in body()[:200])
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "h1"))
+        assert "Traceback" not in body()
+        screenshot(driver, f"ui-{page}.png")
