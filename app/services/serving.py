@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
 from app.config import Settings
 from app.db.models import EmbeddingVersion, Item
@@ -111,8 +111,10 @@ class Relatedness(BaseModel):
     low: float | None = None  # 5th percentile over the sample: below it, the query is outside the memory's domain
     sample: int = 0
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def outside(self) -> bool:
+        """Less related than 95 % of the memory's own images are to their nearest: outside its domain."""
         return self.low is not None and self.top_similarity < self.low
 
 

@@ -131,7 +131,7 @@ def show_relatedness(view: PredictView) -> None:
     if r.typical is not None and r.low is not None:
         line += (f" (this memory's own images: typically {r.typical:.3f} to their nearest, 5 % below "
                  f"{r.low:.3f}, over {r.sample})")
-    if r.low is not None and r.top_similarity < r.low:
+    if r.outside:
         st.warning(line + ". The image is **outside the memory's domain**: RECO's refinement draws on unrelated "
                    "items here, and CLIP's answer is the safer one.", icon=":material/travel_explore:")
     else:
