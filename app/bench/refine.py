@@ -114,6 +114,7 @@ def run_refine_bench(
         blobs = [p.read_bytes() for p in first_images(images, n_images)]
         times = _timed_predictions(root, encoder, indexes, blobs, k)
         retrieval = {d: _retrieval_only(index, encoder, k) for d, index in indexes.items()}
+        torch.set_num_threads(previous_threads)  # class sets are prepared as the serving service runs: all threads
         preparation = (class_set_preparation(root, encoder, indexes[dtype], blobs[0], k) if class_sets
                        else {})
     finally:
@@ -162,7 +163,7 @@ def class_set_preparation(root: Path, encoder: OpenClipEncoder, index: ExactInde
     previous_batch = encoder.batch_size
     encoder.batch_size = settings.encode_batch_size
     out: dict[str, Any] = {"templates": len(resolve_templates(None)), "encode_batch_size": encoder.batch_size,
-                           "memory_size": len(index)}
+                           "memory_size": len(index), "threads": torch.get_num_threads()}
     try:
         refiner, label = predict_module._load_refiner(
             settings, PredictRequest(image_bytes=b"", classes=["x"], k=k), encoder.encoder_id, index, factory)

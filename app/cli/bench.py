@@ -195,7 +195,8 @@ def refine(
         prep = result.details.get("class_set_preparation", {})
         typer.echo(f"class-set preparation: 1,000 labels {prep.get('labels_1000_s')} s, CUB-100 first prediction "
                    f"{prep.get('cub100_first_prediction_s')} s ({prep.get('templates')} templates per class, "
-                   f"memory {prep.get('memory_size')}, encode batch {prep.get('encode_batch_size')})")
+                   f"memory {prep.get('memory_size')}, encode batch {prep.get('encode_batch_size')}, "
+                   f"{prep.get('threads')} threads)")
 
 
 @bench_app.command("train")
