@@ -16,7 +16,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError, field_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile as StarletteUpload
 
@@ -30,8 +30,11 @@ from app.config import Settings
 from app.db.apikeys import ApiKeyRepo
 from app.manifest import resolve_confined
 from app.schemas import RefineMode
+from app.services.memory_map import MapQuery, MemoryMap
 from app.services.search import SearchOptions
 from app.services.serving import (
+    ClassCoverage,
+    ClassSetPrepared,
     DeleteOut,
     ItemDetail,
     ItemsPage,
@@ -63,8 +66,41 @@ class JobsAnswer(BaseModel):
     jobs: list[JobOut]
 
 
-class IngestPath(BaseModel):
+class IngestOptions(BaseModel):
+    dataset: str | None = Field(default=None, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9 _.-]*$",
+                                description="The dataset name the items are filed under (default: the folder's)")
+    caption_template: str | None = Field(
+        default=None, max_length=200,
+        description="For a tree of class folders: caption each uncaptioned image as this template with {folder} "
+                    "replaced by its folder's name, and label it with that class, e.g. 'a photo of a {folder}.'")
+
+    @field_validator("caption_template")
+    @classmethod
+    def _template(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from ingestion.classfolders import check_template
+
+        return check_template(value)
+
+
+class IngestPath(IngestOptions):
     path: str = Field(max_length=4096, description="A folder or manifest on the server, inside the allowed roots")
+
+
+class CoverageBody(BaseModel):
+    labels: list[str] | None = Field(default=None, max_length=5000)
+    class_set: str | None = Field(default=None, max_length=128)
+
+
+class PrepareBody(CoverageBody):
+    mode: RefineMode = RefineMode.BOTH
+    k: int | None = Field(default=None, ge=1, le=1000)
+    templates: str | None = Field(default=None, max_length=200)
+
+
+class MapBody(MapQuery):
+    image_b64: str | None = Field(default=None, max_length=64 * 1024 * 1024)
 
 
 class SearchBody(SearchOptions, RefineOptions):
@@ -163,6 +199,20 @@ def create_app(settings: Settings, service: ServingService, *, uploads: Any = No
                 for i, f in enumerate(images)]
         return PredictAnswer(predictions=await run_in_threadpool(service.predict, data, query))
 
+    @app.post("/v1/classes/coverage", dependencies=[READ], tags=["method"])
+    def class_coverage(body: CoverageBody) -> ClassCoverage:
+        """Which classes of a class set (labels, or a dataset's classes.txt by name) the memory holds: some
+        caption mentions the class. RECO out of its memory's domain can turn right answers wrong."""
+        labels = service.resolve_classes(PredictQuery(labels=body.labels, class_set=body.class_set))
+        return service.class_coverage(labels)
+
+    @app.post("/v1/classes/prepare", dependencies=[READ], tags=["method"])
+    def prepare_classes(body: PrepareBody) -> ClassSetPrepared:
+        """Compute the class embeddings a prediction against these classes needs (CLIP's and, for modes
+        text/both, the refined ones), batched and cached: send a large set in chunks to show progress."""
+        return service.prepare_classes(PredictQuery(labels=body.labels, class_set=body.class_set, mode=body.mode,
+                                                    k=body.k, templates=body.templates))
+
     @app.post("/v1/search", dependencies=[READ], tags=["method"])
     def search(body: SearchBody) -> SearchAnswer:
         """Text or image (base64) query; ``target`` image or text vectors; filters, k, score threshold;
@@ -178,6 +228,18 @@ def create_app(settings: Settings, service: ServingService, *, uploads: Any = No
         fields = body.model_dump(exclude={"image_b64"})
         query = SearchQuery.model_validate(fields | {"image_bytes": image})
         return service.search(query)
+
+    @app.post("/v1/map", dependencies=[READ], tags=["items"])
+    def memory_map(body: MapBody) -> MemoryMap:
+        """A 2-D PCA map of the memory's image vectors (one point per image, class names), with an item or an
+        uploaded image (base64) marked as the query and its nearest images as neighbours."""
+        image = None
+        if body.image_b64 is not None:
+            try:
+                image = base64.b64decode(body.image_b64, validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise ApiError(400, "invalid_request", f"image_b64 is not base64: {exc}") from exc
+        return service.memory_map(MapQuery.model_validate(body.model_dump(exclude={"image_b64"})), image)
 
     # --- items --------------------------------------------------------------------------------------------
     @app.get("/v1/items", dependencies=[READ], tags=["items"])
@@ -230,7 +292,7 @@ def create_app(settings: Settings, service: ServingService, *, uploads: Any = No
                 body = IngestPath.model_validate(await request.json())
             except ValueError as exc:
                 raise ApiError(400, "invalid_request", f"a JSON body {{'path': ...}} expected: {exc}") from exc
-            job = await run_in_threadpool(_ingest_path, body.path)
+            job = await run_in_threadpool(_ingest_path, body.path, body)
         else:
             raise ApiError(415, "unsupported_media_type", "send multipart/form-data with a file, or JSON with a path")
         return JSONResponse(job.model_dump(mode="json"), status_code=202)
@@ -243,14 +305,21 @@ def create_app(settings: Settings, service: ServingService, *, uploads: Any = No
         if not isinstance(file, StarletteUpload):
             raise ApiError(400, "invalid_request", "multipart field 'file' (a manifest or a zip) is required")
         name = file.filename or "upload"
+        try:
+            options = IngestOptions.model_validate({k: form.get(k) for k in ("dataset", "caption_template")
+                                                    if isinstance(form.get(k), str) and form.get(k)})
+        except ValidationError as exc:
+            raise ApiError(400, "invalid_request", str(exc)) from exc
         data = await read_capped(file, settings.upload_max_total_bytes, name)
         try:
             stored = await run_in_threadpool(uploads.store_upload, name, data, settings)
         except uploads.UploadRejected as exc:
             raise ApiError(413 if exc.reason == "too_large" else 400, str(exc.reason), exc.detail) from exc
-        return await run_in_threadpool(service.start_ingest, stored.source, kind="upload", total=stored.images or None)
+        return await run_in_threadpool(lambda: service.start_ingest(
+            stored.source, kind="upload", total=stored.images or None, dataset=options.dataset,
+            caption_template=options.caption_template))
 
-    def _ingest_path(raw: str) -> JobOut:
+    def _ingest_path(raw: str, options: IngestOptions) -> JobOut:
         roots = ingest_roots(settings)
         try:
             resolved = resolve_confined(roots[0], raw, roots[1:])
@@ -258,11 +327,22 @@ def create_app(settings: Settings, service: ServingService, *, uploads: Any = No
             raise ApiError(403, "path_outside_root", f"{exc} (allowed: {', '.join(map(str, roots))})") from exc
         if not resolved.exists():
             raise ApiError(404, "not_found", f"{raw} does not exist on the server")
-        return service.start_ingest(resolved, kind="manifest" if resolved.is_file() else "folder")
+        return service.start_ingest(resolved, kind="manifest" if resolved.is_file() else "folder",
+                                    dataset=options.dataset, caption_template=options.caption_template)
 
     @app.get("/v1/jobs/{job_id}", dependencies=[READ], tags=["ingestion"])
     def job(job_id: int) -> JobOut:
         return service.get_job(job_id)
+
+    @app.post("/v1/jobs/{job_id}/cancel", dependencies=[WRITE], tags=["ingestion"])
+    def cancel_job(job_id: int) -> JobOut:
+        """Stop a running job between two batches (it ends as ``cancelled``; what it stored stays)."""
+        try:
+            return service.cancel_job(job_id)
+        except LookupError as exc:
+            if "not run by this process" in str(exc):
+                raise ApiError(409, "not_possible", str(exc)) from exc
+            raise
 
     @app.get("/v1/jobs", dependencies=[READ], tags=["ingestion"])
     def jobs(limit: Annotated[int, Query(ge=1, le=200)] = 20) -> JobsAnswer:

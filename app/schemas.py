@@ -20,6 +20,7 @@ class JobStatus(StrEnum):
     RUNNING = "running"
     COMPLETED = "completed"
     FAILED = "failed"
+    CANCELLED = "cancelled"  # stopped on request: what was stored before stays
 
 
 class RefineMode(StrEnum):

@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -51,6 +51,7 @@ TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
     "single": SINGLE_TEMPLATE, "clip-short": CLIP_SHORT_TEMPLATES, **CAPTION_LIKE_TEMPLATES,
 }
 DEFAULT_TEMPLATES = "clip-short"
+CLASS_CHUNK = 64  # classes per batched step of a class set's preparation (one progress update each)
 
 
 def caption_like_set(domain: str | None) -> str:
@@ -136,11 +137,16 @@ class ClassEmbeddingCache:
             for path in self.folder.glob("*.npy"):
                 path.unlink(missing_ok=True)
 
-    def put(self, key: str, value: np.ndarray) -> None:
+    def put(self, key: str, value: np.ndarray, *, disk: bool = True) -> None:
         with self._lock:
             self._mem[key] = value
-        if self.folder is not None:
+        if self.folder is not None and disk:
             _save_atomically(self.folder, key, value)
+
+    def get_rows(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        """The rows held in process among ``keys`` (one class's embedding each)."""
+        with self._lock:
+            return {k: self._mem[k] for k in keys if k in self._mem}
 
 
 def _save_atomically(folder: Path, key: str, value: np.ndarray) -> None:
@@ -185,32 +191,79 @@ class ZeroShotClassifier:
         self.cache = cache or ClassEmbeddingCache()
 
     def cache_key(self, refined: bool) -> str:
+        return hashlib.sha256(json.dumps(self._key_parts(refined), sort_keys=True).encode()).hexdigest()[:32]
+
+    def row_key(self, name: str, refined: bool) -> str:
+        """One class's key: a class set is assembled from rows computed earlier (in chunks, or for another set)."""
+        return "row-" + hashlib.sha256(json.dumps({"set": self._key_parts(refined) | {"classes": None},
+                                                   "class": name}, sort_keys=True).encode()).hexdigest()[:32]
+
+    def _key_parts(self, refined: bool) -> dict[str, Any]:
         parts: dict[str, Any] = {"encoder": self.text_encoder.encoder_id, "classes": self.class_names,
                                  "templates": list(self.templates), "refined": refined}
         if refined:
             assert self.refiner is not None
             parts.update(checkpoint=self.checkpoint_id, memory=self.refiner.memory_version, k=self.refiner.k,
                          retrieval=self.refiner.retrieval.to_dict())
-        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+        return parts
 
-    def class_embeddings(self, mode: RefineMode = RefineMode.CLIP) -> np.ndarray:
-        """(n_classes, d): refined prompts for modes ``text``/``both``, CLIP's classifier otherwise."""
+    def class_embeddings(self, mode: RefineMode = RefineMode.CLIP,
+                         progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """(n_classes, d): refined prompts for modes ``text``/``both``, CLIP's classifier otherwise.
+
+        Batched: the prompts of every class not cached yet are encoded in the encoder's batches, and (refined)
+        retrieved and fused in the refiner's batches — one text encode serves both the CLIP and the refined
+        embeddings. The whole set is cached (in process and on disk: it survives restarts) and each class's row
+        in process (a set prepared in chunks, or sharing classes with another, is assembled, not recomputed).
+        ``progress(done, total)``: classes ready so far."""
         refined = RefineMode(mode) in (RefineMode.TEXT, RefineMode.BOTH)
         if refined and self.refiner is None:
             raise ValueError(f"mode {mode} refines the class prompts and needs a fusion checkpoint")
         key = self.cache_key(refined)
         cached = self.cache.get(key)
         if cached is not None:
+            if progress is not None:
+                progress(len(self.class_names), len(self.class_names))
             return cached
-        prompts = [t.replace("{c}", name) for name in self.class_names for t in self.templates]
-        emb = _normalise(self.text_encoder.encode_texts(prompts))
+        keys = [self.row_key(n, refined) for n in self.class_names]
+        rows = self.cache.get_rows(keys)
+        todo = [i for i, k in enumerate(keys) if k not in rows]
+        total = len(self.class_names)
+        if progress is not None:
+            progress(total - len(todo), total)
+        step = max(1, CLASS_CHUNK)
+        for start in range(0, len(todo), step):
+            chunk = todo[start: start + step]
+            for i, row in zip(chunk, self._compute([self.class_names[i] for i in chunk], refined), strict=True):
+                rows[keys[i]] = row
+                self.cache.put(keys[i], row, disk=False)
+            if progress is not None:
+                progress(total - len(todo) + start + len(chunk), total)
+        weights = np.stack([rows[k] for k in keys]).astype(np.float32)
+        self.cache.put(key, weights)
+        return weights
+
+    def _compute(self, names: list[str], refined: bool) -> np.ndarray:
+        """(len(names), d) for classes not cached: one batched encode (reused from the CLIP rows when they are
+        cached in process), then for the refined side one batched retrieval + fusion."""
+        n_t = len(self.templates)
+        prompts = [t.replace("{c}", name) for name in names for t in self.templates]
+        emb = self._prompt_embeddings(names, prompts)
         if refined:
             assert self.refiner is not None
             emb = self.refiner.refine_many(emb, Modality.TEXT)
-        emb = emb.reshape(len(self.class_names), len(self.templates), -1).mean(axis=1)
-        weights = _normalise(emb)
-        self.cache.put(key, weights)
-        return weights
+        return _normalise(emb.reshape(len(names), n_t, -1).mean(axis=1))
+
+    def _prompt_embeddings(self, names: list[str], prompts: list[str]) -> np.ndarray:
+        keys = ["prompts-" + self.row_key(n, False) for n in names]
+        held = self.cache.get_rows(keys)
+        if len(held) == len(keys):
+            return np.concatenate([held[k] for k in keys])
+        emb = _normalise(self.text_encoder.encode_texts(prompts))
+        n_t = len(self.templates)
+        for i, k in enumerate(keys):
+            self.cache.put(k, emb[i * n_t: (i + 1) * n_t], disk=False)
+        return emb
 
     def image_side(self, image_embeddings: np.ndarray, mode: RefineMode) -> np.ndarray:
         images = np.atleast_2d(np.asarray(image_embeddings, np.float32))

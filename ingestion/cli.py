@@ -21,6 +21,12 @@ def ingest(
     wait: Annotated[bool, typer.Option("--wait", help="With --async: return when every row is done.")] = False,
     watch: Annotated[Path | None, typer.Option("--watch", help="Keep submitting new files/rows of DIR.")] = None,
     once: Annotated[bool, typer.Option("--once", help="With --watch: one scan, then exit.")] = False,
+    caption_template: Annotated[str | None, typer.Option(
+        "--caption-template",
+        help="For a tree of class folders (DIR/<class>/<image>): caption each image without one as this "
+             "template with {folder} replaced by its folder's name, and label it with that class "
+             "(e.g. \"a photo of a {folder}.\").")] = None,
+    dataset: Annotated[str | None, typer.Option(help="The dataset name to file the items under.")] = None,
 ) -> None:
     """Ingest image-text pairs into the memory (in this process, or --async / --watch through the workers)."""
     if source is not None and not source.strip():
@@ -30,6 +36,8 @@ def ingest(
     if watch is not None and not str(watch).strip():
         fail("--watch needs a folder")
     if enqueue or watch is not None:
+        if caption_template or dataset:
+            fail("--caption-template and --dataset apply to an ingestion in this process (not --async / --watch)")
         from ingestion.dispatch import run_async_cli
 
         run_async_cli(source_path, watch, limit=limit, wait=wait, once=once, as_json=as_json)
@@ -37,6 +45,7 @@ def ingest(
     from app.db.repo import MetadataRepo
     from app.manifest import ManifestError
     from app.services.ingest import job_summary, prepare_storage
+    from ingestion.classfolders import TemplateError, check_template
     from ingestion.pipeline import ingest_source
     from ingestion.sources import SourceError
 
@@ -59,8 +68,11 @@ def ingest(
     if source_path is None:
         fail("give a SOURCE (folder or manifest), or --report")
     try:
-        summary = ingest_source(source_path, settings, limit=limit, split=split, progress=not as_json)
-    except (SourceError, ManifestError) as exc:  # the source as a whole is unusable (no 'image' column, ...)
+        if caption_template is not None:
+            check_template(caption_template)
+        summary = ingest_source(source_path, settings, limit=limit, split=split, progress=not as_json,
+                                dataset=dataset, caption_template=caption_template)
+    except (SourceError, ManifestError, TemplateError) as exc:  # the source as a whole is unusable
         fail(exc)
     _print_summary(summary, as_json)
 

@@ -131,8 +131,13 @@ def prepared_batches(
             pending = following
 
 
+class IngestCancelled(Exception):
+    """The job was cancelled between two batches."""
+
+
 def store_while_encoding(
-    service: IngestService, job_id: int, batches: Iterable[tuple[int, list[PreparedItem | FailedInput]]], bar: tqdm
+    service: IngestService, job_id: int, batches: Iterable[tuple[int, list[PreparedItem | FailedInput]]], bar: tqdm,
+    cancelled: Callable[[], bool] | None = None,
 ) -> None:
     """Encode batch N+1 while a writer thread stores batch N (memory upsert, then *embedded* in the DB).
 
@@ -150,6 +155,10 @@ def store_while_encoding(
         storing: tuple[Future[BatchOutcome], int] | None = None
         in_flight: set[str] = set()
         for size, inputs in batches:
+            if cancelled is not None and cancelled():
+                if storing is not None:
+                    report(*storing)
+                raise IngestCancelled(f"job {job_id} cancelled")
             encoded = service.encode_batch(job_id, inputs, in_flight=in_flight)
             if storing is not None:
                 report(*storing)
@@ -157,6 +166,16 @@ def store_while_encoding(
             storing = writer.submit(service.store_batch, encoded), size
         if storing is not None:
             report(*storing)
+
+
+def count_rows(path: Path, settings: Settings, *, split: str | None = None, limit: int | None = None) -> int:
+    """How many rows a source has (no image is read); 0 for a source that cannot be read."""
+    try:
+        rows: Iterator[InputRow] = iter_source(path, settings)
+        n = sum(1 for r in rows if split is None or r.split == split)
+    except (ValueError, OSError):
+        return 0
+    return n if limit is None else min(n, limit)
 
 
 def ingest_source(
@@ -168,12 +187,27 @@ def ingest_source(
     service: IngestService | None = None,
     progress: bool = True,
     job_id: int | None = None,
+    dataset: str | None = None,
+    caption_template: str | None = None,
+    cancelled: Callable[[], bool] | None = None,
+    on_total: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Ingest every row of a folder or manifest (or of one ``split``); returns the job summary.
 
-    ``job_id``: a job already created for it (``reco serve`` answers with the job before the work starts)."""
+    ``job_id``: a job already created for it (``reco serve`` answers with the job before the work starts).
+    ``dataset``: the name the items are filed under (default: the folder's name, or the manifest's column).
+    ``caption_template``: for a tree of class folders, ``"a photo of a {folder}."`` captions every image that
+    has none from its folder's name and labels it with the folder's index (see :mod:`ingestion.classfolders`).
+    ``cancelled``: asked between batches; True stops the job as *cancelled* (what was stored stays).
+    ``on_total``: given the number of rows before the work starts (a walk over names only), for a progress bar."""
     path = Path(source).expanduser()
-    rows: Iterator[InputRow] = iter_source(path, settings)
+    if on_total is not None:
+        on_total(count_rows(path, settings, split=split, limit=limit))
+    rows: Iterator[InputRow] = iter_source(path, settings, dataset=dataset)
+    if caption_template:
+        from ingestion.classfolders import caption_from_folders
+
+        rows = caption_from_folders(rows, path, settings, caption_template, dataset=dataset)
     if split is not None:  # rows of other splits are not this job's: not seen, not counted
         rows = (r for r in rows if r.split == split)
     if limit is not None:
@@ -187,7 +221,11 @@ def ingest_source(
         with tqdm(total=limit, unit="item", desc="ingest", disable=not progress, dynamic_ncols=True) as bar:
             batches = prepared_batches(rows, settings, preprocess, preprocess_uint8,
                                        fit=getattr(service.encoder, "image_size", None))
-            store_while_encoding(service, job_id, batches, bar)
+            store_while_encoding(service, job_id, batches, bar, cancelled)
+    except IngestCancelled:
+        service.finish_job(job_id, JobStatus.CANCELLED, "cancelled on request")
+        service.index_pending(announce=None)
+        return job_summary(service.repo, job_id)
     except BaseException as exc:
         service.finish_job(job_id, JobStatus.FAILED, f"{type(exc).__name__}: {exc}")
         raise

@@ -15,7 +15,6 @@ from app.schemas import RejectReason
 from app.services.predict import ClassScore
 from ingestion.sources import IMAGE_SUFFIXES
 from ui.backend import Neighbour
-from ui.state import ITEM_KEY
 
 THUMB_SIDE = 256
 MEMORY_PAGE = "views/memory.py"
@@ -87,6 +86,22 @@ def thumbnail(source: str | None, settings: Settings, side: int = THUMB_SIDE) ->
         return None
 
 
+@st.cache_data(max_entries=64, show_spinner=False)
+def _small(digest: str, _data: bytes, side: int, max_bytes: int, max_pixels: int) -> bytes:
+    image = open_image_safely(_data, ImageLimits(max_bytes=max_bytes, max_pixels=max_pixels))
+    image.thumbnail((side, side))
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def small_image(data: bytes, settings: Settings, side: int = 384) -> bytes:
+    """An uploaded image, decoded under the limits and made small (ImageRejected when it is refused)."""
+    import hashlib
+
+    return _small(hashlib.sha256(data).hexdigest(), data, side, settings.max_image_bytes, settings.max_image_pixels)
+
+
 @st.cache_data(show_spinner=False)
 def placeholder(side: int = THUMB_SIDE, text: str = "image missing") -> bytes:
     image = Image.new("RGB", (side, side), (226, 228, 233))
@@ -133,17 +148,18 @@ def compare_top_k(clip: Sequence[ClassScore], reco: Sequence[ClassScore] | None,
         else:
             ranked_list(reco, clip)
     if reco and clip:
-        if reco[0].name != clip[0].name:
-            st.success(f"RECO changed the top-1: **{clip[0].name}** ({clip[0].score:.1%}) → "
-                       f"**{reco[0].name}** ({reco[0].score:.1%})")
+        if reco[0].name != clip[0].name:  # neutral: a change is not by itself an improvement
+            st.info(f"RECO's top-1 differs from CLIP's: **{clip[0].name}** ({clip[0].score:.1%}) → "
+                    f"**{reco[0].name}** ({reco[0].score:.1%}). Which is right depends on whether the memory "
+                    "holds this kind of image — see how related it was below.", icon=":material/compare_arrows:")
         else:
             st.caption(f"Same top-1 as CLIP: **{clip[0].name}** ({clip[0].score:.1%} → {reco[0].score:.1%}).")
 
 
 # --- neighbours -----------------------------------------------------------------------------------------
 def open_item(item_id: str) -> None:
-    st.session_state[ITEM_KEY] = item_id
-    st.switch_page(MEMORY_PAGE)
+    """The item's own page, its id in the address (``/memory?item=ID``)."""
+    st.switch_page(MEMORY_PAGE, query_params={"item": item_id})
 
 
 def neighbour_grid(neighbours: Sequence[Neighbour], settings: Settings, *, key: str, columns: int = 5,
@@ -166,6 +182,12 @@ def _neighbour_card(nb: Neighbour, settings: Settings, key: str, open_button: bo
     st.image(image or placeholder(), width="stretch",
              alt=f"neighbour: {caption}" if image else "neighbour: image missing")
     st.caption(caption or "_no caption_")
+    others = [c for c in nb.captions if c != nb.caption]
+    if others:
+        st.caption(f"+{len(others)} more caption{'s' if len(others) > 1 else ''}: " + " · ".join(
+            c if len(c) <= 60 else c[:57] + "…" for c in others[:4]))
+    if nb.label_name or nb.label is not None:
+        st.caption(f"class **{nb.label_name or nb.label}**" + (f" · {nb.dataset}" if nb.dataset else ""))
     line = f"similarity **{nb.score:.3f}**"
     if nb.attention is not None:
         line += f" · attention **{nb.attention:.1%}**"

@@ -152,9 +152,14 @@ class IngestRun:
     label: str
     source: Path
     after_job: int  # the newest job id before this run started: its job is the first one above
-    future: Future[dict[str, Any]]
     total: int | None = None
     started: float = field(default_factory=time.time)
+    job_id: int | None = None  # set by the work once the serving service answered with the job
+    cancel: Callable[[int], Any] | None = None  # the serving service's cancel_job (None: not cancellable)
+    future: Future[dict[str, Any]] | None = None
+
+    def done(self) -> bool:
+        return self.future is not None and self.future.done()
 
 
 class IngestRunner:
@@ -165,16 +170,17 @@ class IngestRunner:
         self._lock = threading.Lock()
         self.runs: list[IngestRun] = []
 
-    def submit(self, label: str, source: Path, after_job: int, work: Callable[[], dict[str, Any]],
-               total: int | None = None) -> IngestRun:
-        run = IngestRun(label, source, after_job, self._pool.submit(work), total)
+    def submit(self, label: str, source: Path, after_job: int, work: Callable[[IngestRun], dict[str, Any]],
+               total: int | None = None, cancel: Callable[[int], Any] | None = None) -> IngestRun:
+        run = IngestRun(label, source, after_job, total, cancel=cancel)
+        run.future = self._pool.submit(work, run)
         with self._lock:
             self.runs = [*self.runs[-19:], run]
         return run
 
     def active(self) -> list[IngestRun]:
         with self._lock:
-            return [r for r in self.runs if not r.future.done()]
+            return [r for r in self.runs if not r.done()]
 
 
 @st.cache_resource(show_spinner=False)

@@ -44,6 +44,9 @@ class RefineBenchResult(BaseModel):
     clip_p99_ms: float
     reco_p99_ms: float
     overhead: float
+    # class-set preparation (cold cache, mode both: CLIP's and the refined prompt embeddings, batched)
+    class_set_1000_labels_s: float | None = None
+    cub100_first_prediction_s: float | None = None
     details: dict[str, Any] = Field(default_factory=dict, exclude=True)
 
 
@@ -95,6 +98,7 @@ def run_refine_bench(
     encoder: OpenClipEncoder | None = None,
     workdir: Path | None = None,
     memory: str = "edge",
+    class_sets: bool = True,
 ) -> RefineBenchResult:
     """CLIP vs RECO per image, interleaved; RECO over ``dtype`` (contract) and the other storage (details).
 
@@ -118,6 +122,9 @@ def run_refine_bench(
         blobs = [p.read_bytes() for p in first_images(images, n_images)]
         times = _timed_predictions(root, encoder, indexes, blobs, k)
         retrieval = {d: _retrieval_only(index, encoder, k) for d, index in indexes.items()}
+        torch.set_num_threads(previous_threads)  # class sets are prepared as the serving service runs: all threads
+        preparation = (class_set_preparation(root, encoder, indexes[dtype], blobs[0], k) if class_sets
+                       else {})
     finally:
         torch.set_num_threads(previous_threads)
         shutil.rmtree(root, ignore_errors=True)
@@ -129,7 +136,70 @@ def run_refine_bench(
                "reco_other_dtype_p99_ms": percentile_ms(times[f"reco-{other}"], 99),
                "overhead_other_dtype": round(percentile_ms(times[f"reco-{other}"], 50)
                                              / percentile_ms(times["clip"], 50) - 1, 4)}
-    return _refine_result(times["clip"], times[f"reco-{dtype}"], memory_size, details)
+    result = _refine_result(times["clip"], times[f"reco-{dtype}"], memory_size, details | {
+        "class_set_preparation": preparation})
+    result.class_set_1000_labels_s = preparation.get("labels_1000_s")
+    result.cub100_first_prediction_s = preparation.get("cub100_first_prediction_s")
+    return result
+
+
+def thousand_labels(settings: Settings, n: int = 1000) -> list[str]:
+    """Class names of the shared datasets (CUB, Flowers, Imagenette, CIFAR-10, Clothing-10), padded to ``n``
+    with "object N": a large typed class set."""
+    names: list[str] = []
+    for path in sorted(Path(settings.shared_data).glob("*/classes.txt")):
+        names += [ln.strip().replace("_", " ") for ln in path.read_text().splitlines() if ln.strip()]
+    names = list(dict.fromkeys(names))[:n]
+    return names + [f"object {i}" for i in range(n - len(names))]
+
+
+def class_set_preparation(root: Path, encoder: OpenClipEncoder, index: Any, image: bytes,
+                          k: int) -> dict[str, Any]:
+    """Cold-cache timings of what a first prediction against a new class set waits for: 1,000 typed labels
+    prepared (mode both: the prompts encoded in batches, retrieved and fused in batches), and the first
+    prediction against CUB-100 (its class embeddings included). The encoder batches the prompts as the
+    serving service does (``RECO_ENCODE_BATCH_SIZE``)."""
+    from app.services import predict as predict_module
+    from app.services.method_common import session_factory_for
+    from app.services.predict import PredictRequest, predict_image
+    from app.zeroshot import ZeroShotClassifier, resolve_templates
+
+    settings = get_settings(data_dir=root / "class-sets", database_url=None, qdrant_url=None,
+                            clip_model=encoder.model_name, clip_pretrained=encoder.pretrained, k_infer=k,
+                            device=encoder.device.type)
+    register_random_fusion(settings, encoder, index)
+    factory = session_factory_for(settings)
+    previous_batch = encoder.batch_size
+    encoder.batch_size = settings.encode_batch_size
+    out: dict[str, Any] = {"templates": len(resolve_templates(None)), "encode_batch_size": encoder.batch_size,
+                           "memory_size": index.count(), "threads": torch.get_num_threads()}
+    try:
+        refiner, label = predict_module._load_refiner(
+            settings, PredictRequest(image_bytes=b"", classes=["x"], k=k), encoder.encoder_id, index, factory)
+        assert refiner is not None
+        labels = thousand_labels(settings)
+        predict_module._caches.clear()
+        start = time.perf_counter()
+        for refined in (False, True):
+            ZeroShotClassifier(labels, encoder, refiner=refiner if refined else None,
+                               checkpoint_id=label or "none" if refined else "none",
+                               cache=predict_module._cache(settings)).class_embeddings(
+                RefineMode.TEXT if refined else RefineMode.CLIP)
+        out["labels_1000_s"] = round(time.perf_counter() - start, 3)
+        cub = Path(settings.shared_data) / "cub100" / "classes.txt"
+        if cub.is_file():
+            classes = [ln.strip() for ln in cub.read_text().splitlines() if ln.strip()]
+            predict_module._caches.clear()
+            start = time.perf_counter()
+            for mode in (RefineMode.CLIP, RefineMode.BOTH):  # what the serving service runs for one image
+                predict_image(settings, PredictRequest(image_bytes=image, classes=classes, mode=mode, k=k),
+                              encoder=encoder, memory=index, session_factory=factory)
+            out["cub100_first_prediction_s"] = round(time.perf_counter() - start, 3)
+            out["cub100_classes"] = len(classes)
+    finally:
+        encoder.batch_size = previous_batch
+        predict_module._caches.clear()
+    return out
 
 
 def _edge_and_exact(root: Path, size: int, dim: int) -> dict[str, Any]:

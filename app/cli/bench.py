@@ -221,15 +221,26 @@ def refine(
     memory: Annotated[str, typer.Option(help="edge: Qdrant Edge (HNSW) over embedding-like rows, beside the exact "
                                              "index of the same rows; exact: synthetic exact indexes (--dtype).")]
     = "edge",
+    class_sets: Annotated[bool, typer.Option(
+        "--class-sets/--no-class-sets",
+        help="Also time class-set preparation: 1,000 labels, and the first prediction against CUB-100.")] = True,
     as_json: JsonOpt = False,
 ) -> None:
-    """Image bytes → CLIP top-5 vs RECO top-5 (retrieval + fusion), p50/p99 and RECO's overhead."""
+    """Image bytes → CLIP top-5 vs RECO top-5 (retrieval + fusion), p50/p99 and RECO's overhead; and the
+    class-set preparation a first prediction against a new class set waits for (cold cache)."""
     from app.bench.refine import run_refine_bench
 
     if dtype not in ("float32", "float16"):
         fail("--dtype is float32 or float16")
-    _show(run_refine_bench(images, memory_size=memory_size, n_images=n, dtype=dtype,  # type: ignore[arg-type]
-                           threads=threads or None, memory=memory), as_json)
+    result = run_refine_bench(images, memory_size=memory_size, n_images=n, dtype=dtype,  # type: ignore[arg-type]
+                              threads=threads or None, class_sets=class_sets, memory=memory)
+    _show(result, as_json)
+    if class_sets and not as_json:
+        prep = result.details.get("class_set_preparation", {})
+        typer.echo(f"class-set preparation: 1,000 labels {prep.get('labels_1000_s')} s, CUB-100 first prediction "
+                   f"{prep.get('cub100_first_prediction_s')} s ({prep.get('templates')} templates per class, "
+                   f"memory {prep.get('memory_size')}, encode batch {prep.get('encode_batch_size')}, "
+                   f"{prep.get('threads')} threads)")
 
 
 @bench_app.command("train")

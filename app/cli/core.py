@@ -29,7 +29,9 @@ def search(
     filters: Annotated[
         list[str] | None, typer.Option("--filter", help="key=value on dataset/split/source/label")
     ] = None,
-    target: Annotated[str | None, typer.Option(help="Rank stored 'image' or 'text' vectors.")] = None,
+    target: Annotated[str | None, typer.Option(
+        help="Rank stored 'image' vectors (default: a text finds images, an image finds similar images) or "
+             "'text' vectors (captions).")] = None,
     mode: Annotated[str, typer.Option(help="clip, or a RECO mode refining the query: text | image | both.")] = "clip",
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -52,8 +54,10 @@ def search(
     if response.reco_unavailable and mode != "clip":
         typer.secho(f"RECO unavailable, CLIP results: {response.reco_unavailable}", err=True, fg="yellow")
     if as_json:
-        print_json({"results": [r.model_dump(include={"item_id", "caption", "score", "source"})
+        print_json({"results": [r.model_dump(include={"item_id", "caption", "captions", "score", "source",
+                                                      "dataset", "label", "label_name"})
                                 for r in response.results],
+                    "query_modality": str(response.query_modality), "target": str(response.target),
                     "encoder_id": response.encoder_id, "random_weights": response.random_weights,
                     "reco": response.reco, "via": response.via})
         return
@@ -61,7 +65,11 @@ def search(
         typer.secho("RANDOM WEIGHTS: these results carry no meaning (set RECO_CLIP_PRETRAINED)", fg="yellow")
     typer.echo(f"encoder {response.encoder_id} · {response.query_modality}→{response.target}")
     for r in response.results:
-        typer.echo(f"{r.score:7.4f}  {printable(r.caption)}  [{printable(r.source)}]")  # no terminal tricks
+        more = len([c for c in r.captions if c != r.caption])
+        label = f"  <{printable(str(r.label_name or r.label))}>" if r.label is not None else ""
+        # printable(): no terminal tricks from stored captions or paths
+        typer.echo(f"{r.score:7.4f}  {printable(r.caption)}{f'  (+{more} captions)' if more else ''}{label}  "
+                   f"[{printable(r.source)}]")
 
 
 def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:

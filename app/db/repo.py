@@ -243,6 +243,23 @@ class MetadataRepo:
             rows = s.scalars(stmt.order_by(Item.created_at, Item.id).offset(offset).limit(limit))
             return list(rows), int(total)
 
+    def captions_of_images(self, image_hashes: Sequence[str]) -> dict[str, list[str]]:
+        """Every caption the memory holds for each image (by image hash; taken-down items left out), oldest
+        first: one image shown once with all its captions."""
+        wanted = [h for h in dict.fromkeys(image_hashes) if h]
+        if not wanted:
+            return {}
+        out: dict[str, list[str]] = {}
+        with self.session() as s:
+            rows = s.execute(select(Item.image_hash, Item.caption)
+                             .where(Item.image_hash.in_(wanted), Item.deleted_at.is_(None))
+                             .order_by(Item.created_at, Item.id))
+            for image_hash, caption in rows:
+                captions = out.setdefault(image_hash, [])
+                if caption and caption not in captions:
+                    captions.append(caption)
+        return out
+
     def mark_deleted(self, item_id: str, reason: str) -> Item | None:
         """Takedown: the row stays as the record of it (time, reason); its embeddings rows go."""
         with self.session() as s:
@@ -282,6 +299,11 @@ class MetadataRepo:
         column = getattr(Item, field)
         with self.session() as s:
             return list(s.scalars(select(column).where(column.is_not(None)).distinct().order_by(column).limit(limit)))
+
+    def distinct_captions(self, limit: int = 500_000) -> list[str]:
+        """The distinct captions of the items in the memory (not taken down)."""
+        with self.session() as s:
+            return list(s.scalars(select(Item.caption).where(Item.deleted_at.is_(None)).distinct().limit(limit)))
 
     def count_items(self) -> int:
         with self.session() as s:

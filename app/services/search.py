@@ -27,8 +27,10 @@ class SearchOptions(BaseModel):
     k: int = Field(default=5, ge=1, le=1000)
     filters: dict[str, Any] = {}
     target: Modality | None = Field(
-        default=None, description="Which stored vectors to rank; default: the other modality (CLIP retrieval).")
-    distinct_images: bool = Field(default=True, description="One result per image when ranking images.")
+        default=None, description="Which stored vectors to rank; default: image vectors (text→image retrieval, "
+                                  "image→image: similar images).")
+    distinct_images: bool = Field(default=True, description="One result per image (the serving service collapses "
+                                  "the caption hits of one image into one result with all its captions).")
     score_threshold: float | None = Field(default=None, ge=-1.0, le=1.0, description="Only hits at least this similar.")
 
 
@@ -57,6 +59,7 @@ class SearchResult(BaseModel):
     dataset: str | None = None
     split: str | None = None
     label: int | None = None
+    image_hash: str | None = None
 
 
 class SearchResponse(BaseModel):
@@ -71,7 +74,13 @@ def hit_to_result(hit: SearchHit) -> SearchResult:
     p = hit.payload
     return SearchResult(item_id=hit.item_id, caption=p.caption if p else "", score=hit.score,
                         source=p.source if p else None, dataset=p.dataset if p else None,
-                        split=p.split if p else None, label=p.label if p else None)
+                        split=p.split if p else None, label=p.label if p else None,
+                        image_hash=p.image_hash if p else None)
+
+
+def default_target(query: Modality) -> Modality:
+    """What a query ranks when it does not say: images (a text finds images, an image finds similar images)."""
+    return Modality.IMAGE
 
 
 class SearchService:
@@ -90,14 +99,16 @@ class SearchService:
         image = open_image_safely(request.image_bytes, self.limits, fit=fit)
         return cast(np.ndarray, self.encoder.encode_images([image])[0])
 
-    def search(self, request: SearchRequest, refine: Refiner | None = None) -> SearchResponse:
+    def search(self, request: SearchRequest, refine: Refiner | None = None,
+               fetch: int | None = None) -> SearchResponse:
+        """``fetch``: how many hits to ask the memory for (more than k when the caller groups them)."""
         if not self.memory.exists():
             raise LookupError("the memory is empty: ingest something first (reco ingest SOURCE)")
         vector = self.embed_query(request)
         if refine is not None:
             vector = refine(vector, request.query_modality)
-        target = request.target or (Modality.IMAGE if request.query_modality == Modality.TEXT else Modality.TEXT)
-        hits = self.memory.search(vector, target, request.k, filters=request.filters,
+        target = request.target or default_target(request.query_modality)
+        hits = self.memory.search(vector, target, request.k if fetch is None else fetch, filters=request.filters,
                                   score_threshold=request.score_threshold,
                                   distinct_images=request.distinct_images and target == Modality.IMAGE)
         return SearchResponse(results=[hit_to_result(h) for h in hits], encoder_id=self.encoder.encoder_id,

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
 from app.config import Settings
 from app.db.models import EmbeddingVersion, Item
@@ -35,9 +35,10 @@ from app.memory.base import MemoryStore, MemoryStoreError, SearchHit, VectorMemo
 from app.memory.store import live_memory, open_store
 from app.refine import Refiner, refiner_from_checkpoint
 from app.schemas import JobStatus, Modality, RefineMode
+from app.services.memory_map import MapQuery, MemoryMap, memory_map
 from app.services.method_common import MethodError, checkpoint_label, resolve_checkpoint, resolve_device
 from app.services.predict import ClassScore, PredictRequest, predict_image
-from app.services.search import SearchRequest, SearchResult, SearchService
+from app.services.search import SearchRequest, SearchResult, SearchService, default_target
 from app.services.status import memory_status
 from app.zeroshot import ClassEmbeddingCache
 
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 
 SAMPLE_ROOT = Path(__file__).resolve().parents[2] / "sample"
 MAX_CLASSES = 5_000
+CAPTIONS_PER_IMAGE = 5  # caption hits fetched per wanted image when grouping (Flickr8k has five per image)
 
 
 # --- what it answers ------------------------------------------------------------------------------------
@@ -59,7 +61,9 @@ class NeighbourOut(BaseModel):
     dataset: str | None = None
     split: str | None = None
     label: int | None = None
+    label_name: str | None = None  # the class name of ``label`` (its dataset's classes.txt)
     image_hash: str | None = None
+    captions: list[str] = []  # every caption the memory holds for this image (one result per image)
 
 
 class PredictQuery(BaseModel):
@@ -88,6 +92,48 @@ class PredictQuery(BaseModel):
         return self
 
 
+class ClassExplanation(BaseModel):
+    """How the text side decided for one class: its prompt refined by text→text search, the captions it
+    retrieved, their similarity and the fusion's attention on each."""
+
+    name: str
+    prompt: str
+    neighbours: list[NeighbourOut] = []
+    self_attention: float | None = None
+
+
+class Relatedness(BaseModel):
+    """How related the memory was to the query: the similarity of its nearest memory image, against the
+    same figure for the memory's own images (their nearest other image), measured on a sample of them."""
+
+    top_similarity: float
+    typical: float | None = None  # median over the sample
+    low: float | None = None  # 5th percentile over the sample: below it, the query is outside the memory's domain
+    sample: int = 0
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def outside(self) -> bool:
+        """Less related than 95 % of the memory's own images are to their nearest: outside its domain."""
+        return self.low is not None and self.top_similarity < self.low
+
+
+class ClassSetPrepared(BaseModel):
+    classes: int
+    refined: bool  # the refined (text-side) embeddings too
+    seconds: float
+    cached: bool  # found (at least partly) in the cache
+
+
+class ClassCoverage(BaseModel):
+    """Which classes the memory holds: a class counts as held when some caption mentions it."""
+
+    classes: int
+    held: int
+    missing: list[str]  # the classes no caption mentions (first 50)
+    missing_count: int
+
+
 class PredictionOut(BaseModel):
     name: str
     clip: list[ClassScore]
@@ -98,6 +144,8 @@ class PredictionOut(BaseModel):
     checkpoint: str | None = None
     neighbours: list[NeighbourOut] = []
     self_attention: float | None = None
+    class_explanations: list[ClassExplanation] = []  # modes text/both: the top classes' prompt neighbours
+    relatedness: Relatedness | None = None
     reco_unavailable: str | None = None  # why there is no RECO answer (no checkpoint, empty memory, ...)
     via: str = "in-process"
 
@@ -180,6 +228,7 @@ class JobOut(BaseModel):
     duplicates: int
     failed: int
     total: int | None = None  # rows to go through, when known (a running job's progress = seen / total)
+    cancel_requested: bool = False
     error: str | None = None
     started_at: datetime
     finished_at: datetime | None = None
@@ -203,7 +252,8 @@ def item_out(item: Item, model: type[ItemOut] = ItemOut, **extra: Any) -> Any:
 def neighbour_of(hit: SearchHit | SearchResult, attention: float | None = None) -> NeighbourOut:
     if isinstance(hit, SearchResult):
         return NeighbourOut(item_id=hit.item_id, caption=hit.caption, score=hit.score, attention=attention,
-                            source=hit.source, dataset=hit.dataset, split=hit.split, label=hit.label)
+                            source=hit.source, dataset=hit.dataset, split=hit.split, label=hit.label,
+                            image_hash=hit.image_hash)
     p = hit.payload
     return NeighbourOut(item_id=hit.item_id, caption=p.caption if p else "", score=hit.score, attention=attention,
                         source=p.source if p else None, dataset=p.dataset if p else None,
@@ -264,7 +314,9 @@ class ServingService:
         self._given_encoder = encoder
         self._encoders: dict[str, Encoder] = {}
         self.limits = ImageLimits.from_settings(settings)
-        self.class_cache = ClassEmbeddingCache(Path(settings.data_dir) / "cache" / "zeroshot")
+        from app.services.predict import _cache
+
+        self.class_cache: ClassEmbeddingCache = _cache(settings)  # the one predictions use (rows and sets)
         self._lock = threading.RLock()
         self._live: _Live | None = None
         self._checked_at = 0.0
@@ -272,6 +324,10 @@ class ServingService:
         self._jobs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reco-serve-ingest")
         self._job_totals: dict[int, int | None] = {}
         self._job_futures: dict[int, Future[Any]] = {}
+        self._job_cancel: dict[int, threading.Event] = {}
+        self._label_cache: dict[str, tuple[tuple[str, int], list[str]]] = {}
+        self._relatedness_cache: dict[tuple[str, int], dict[str, Any]] = {}
+        self._captions_cache: tuple[int, str] | None = None
         self.last_request = time.monotonic()  # the background indexer waits for quiet
 
     # --- live version, encoder, refiner ------------------------------------------------------------------
@@ -350,6 +406,35 @@ class ServingService:
             raise LookupError(f"unknown class set {query.class_set!r}; known: {', '.join(sorted(sets)) or 'none'}")
         return load_classes(sets[query.class_set])
 
+    def prepare_classes(self, query: PredictQuery,
+                        progress: Callable[[int, int], None] | None = None) -> ClassSetPrepared:
+        """Compute (or find cached) the class embeddings a prediction against this class set needs: CLIP's, and
+        for modes text/both the refined ones — batched, cached on disk across restarts. ``progress(done, total)``
+        counts class embeddings (twice the classes when the prompts are refined). A front end prepares a large
+        set in chunks of labels to show a progress bar; the full set is then assembled from the chunks' rows."""
+        from app.services.predict import _cache
+        from app.zeroshot import ZeroShotClassifier
+
+        started = time.perf_counter()
+        classes = self.resolve_classes(query)
+        live = self.live()
+        k = query.k or self.settings.k_infer
+        refines = query.mode in (RefineMode.TEXT, RefineMode.BOTH) and live.refiner is not None
+        total = len(classes) * (2 if refines else 1)
+        cache = _cache(self.settings)
+        hits = cache.hits
+        clip = ZeroShotClassifier(classes, live.encoder, templates=query.templates, cache=cache)
+        clip.class_embeddings(RefineMode.CLIP, progress=lambda d, _t: progress and progress(d, total))
+        if refines:
+            assert live.refiner is not None
+            refined = ZeroShotClassifier(classes, live.encoder, templates=query.templates,
+                                         refiner=live.refiner.with_k(k), checkpoint_id=live.checkpoint_label or "none",
+                                         cache=cache)
+            refined.class_embeddings(RefineMode.TEXT,
+                                     progress=lambda d, _t: progress and progress(len(classes) + d, total))
+        return ClassSetPrepared(classes=len(classes), refined=refines, seconds=time.perf_counter() - started,
+                                cached=cache.hits > hits)
+
     def predict(self, images: list[tuple[str, bytes]], query: PredictQuery) -> list[PredictionOut]:
         """CLIP and RECO for each image: one decode and one encode per image; class embeddings cached."""
         self.last_request = time.monotonic()
@@ -371,6 +456,8 @@ class ServingService:
             clip = run(RefineMode.CLIP)
             answer = PredictionOut(name=name, clip=clip.predictions, mode=query.mode, k=k,
                                    encoder_id=live.encoder.encoder_id)
+            if live.memory is not None:
+                answer.relatedness = self.relatedness(live, vector)
             if query.mode is RefineMode.CLIP:
                 out.append(answer)
                 continue
@@ -389,32 +476,104 @@ class ServingService:
             answer.neighbours = self._with_metadata([
                 NeighbourOut(item_id=n.item_id, caption=n.caption or "", score=n.score, attention=n.attention)
                 for n in reco.neighbours])
+            if query.mode in (RefineMode.TEXT, RefineMode.BOTH):
+                answer.class_explanations = self._explain_classes(live, [c.name for c in reco.predictions[:3]],
+                                                                  query.templates, k)
             out.append(answer)
         return out
 
+    def _explain_classes(self, live: _Live, names: list[str], templates: str | None, k: int) -> list[ClassExplanation]:
+        """Each class's first prompt, refined as the text side refines it: what it retrieved and how the
+        fusion weighed it (the class embedding averages this over the prompt templates)."""
+        from app.zeroshot import resolve_templates
+
+        assert live.refiner is not None
+        template = resolve_templates(templates)[0]
+        prompts = [template.replace("{c}", n) for n in names]
+        vectors = live.encoder.encode_texts(prompts)
+        refiner = live.refiner.with_k(k)
+        out = []
+        for name, prompt, vector in zip(names, prompts, vectors, strict=True):
+            result = refiner.refine_one(vector, Modality.TEXT)
+            out.append(ClassExplanation(name=name, prompt=prompt, self_attention=result.self_attention,
+                                        neighbours=self._with_metadata([
+                                            NeighbourOut(item_id=n.item_id, caption=n.caption or "", score=n.score,
+                                                         attention=n.attention, image_hash=n.image_hash)
+                                            for n in result.neighbours])))
+        return out
+
+    def relatedness(self, live: _Live, vector: np.ndarray) -> Relatedness | None:
+        """The query's nearest memory image against the memory's own nearest-image similarities."""
+        assert live.memory is not None
+        hits = live.memory.search(vector, Modality.IMAGE, 1)
+        if not hits:
+            return None
+        typical = self._typical_relatedness(live)
+        return Relatedness(top_similarity=hits[0].score, **typical)
+
+    def _typical_relatedness(self, live: _Live, sample: int = 64) -> dict[str, Any]:
+        """Median and 5th percentile of "nearest other image" similarity over a sample of the memory's images,
+        cached per collection and size (one batched search)."""
+        memory = live.memory
+        assert memory is not None
+        key = (memory.collection, memory.count())
+        cached = self._relatedness_cache.get(key)
+        if cached is not None:
+            return cached
+        points = list(next(iter(memory.scroll(limit=sample, with_vectors=True)), []))[:sample]
+        if len(points) < 5:
+            return {}
+        vectors = np.stack([p.vector(Modality.IMAGE) for p in points])
+        found = memory.search_batch(vectors, Modality.IMAGE, 12)
+        best = []
+        for point, hits in zip(points, found, strict=True):
+            own = point.payload.image_hash if point.payload else None
+            others = [h.score for h in hits if h.item_id != point.item_id
+                      and (h.payload is None or h.payload.image_hash != own)]
+            if others:
+                best.append(others[0])
+        if not best:
+            return {}
+        value = {"typical": float(np.median(best)), "low": float(np.percentile(best, 5)), "sample": len(best)}
+        self._relatedness_cache[key] = value
+        return value
+
+    def class_coverage(self, labels: list[str]) -> ClassCoverage:
+        """Which of ``labels`` the memory holds: some caption mentions the class name (case-insensitive,
+        '_' and '-' read as spaces). One pass over the memory's distinct captions, cached per item count."""
+        count = self.repo.count_items()
+        if self._captions_cache is None or self._captions_cache[0] != count:
+            self._captions_cache = (count, " \n ".join(_words(c) for c in self.repo.distinct_captions()))
+        text = self._captions_cache[1]
+        missing = [label for label in labels if _words(label) not in text]
+        return ClassCoverage(classes=len(labels), held=len(labels) - len(missing), missing=missing[:50],
+                             missing_count=len(missing))
+
     # --- search --------------------------------------------------------------------------------------------
     def search(self, query: SearchQuery) -> SearchAnswer:
+        """Ranks the target vectors (default: images — an image query finds similar images). With
+        ``distinct_images`` (default) each image is one result carrying all its captions: caption hits of one
+        image are collapsed (more hits are fetched so that k images come back)."""
         self.last_request = time.monotonic()
         live = self.live()
         if live.memory is None:
             raise LookupError("the memory is empty: ingest something first (reco ingest SOURCE)")
         self._check_extra_filters(query.filters)
         service = SearchService(self.settings, encoder=live.encoder, memory=live.memory)
+        target = query.target or default_target(query.query_modality)
+        fetch = min(1000, query.k * CAPTIONS_PER_IMAGE) if query.distinct_images and target is Modality.TEXT else None
         refines = _refines(query.mode, query.query_modality)
-        if not refines:
-            found = service.search(query)
-            answer = SearchAnswer(results=[neighbour_of(r) for r in found.results], reco=False,
+        if not refines or live.refiner is None:
+            found = service.search(query, fetch=fetch)
+            answer = SearchAnswer(results=self._results(found.results, query), reco=False,
                                   query_modality=found.query_modality, target=found.target,
                                   encoder_id=found.encoder_id, random_weights=found.random_weights)
-            if query.mode is not RefineMode.CLIP:
+            if not refines and query.mode is not RefineMode.CLIP:
                 answer.reco_unavailable = (f"mode {query.mode} does not refine a {query.query_modality} query "
                                            "(use both, or the query's own side)")
+            elif refines:
+                answer.reco_unavailable = live.refiner_error
             return answer
-        if live.refiner is None:
-            found = service.search(query)
-            return SearchAnswer(results=[neighbour_of(r) for r in found.results], reco=False,
-                                query_modality=found.query_modality, target=found.target, encoder_id=found.encoder_id,
-                                random_weights=found.random_weights, reco_unavailable=live.refiner_error)
         refiner = live.refiner.with_k(query.k_prime)
         explanation: dict[str, Any] = {}
 
@@ -426,8 +585,8 @@ class ServingService:
             explanation["self_attention"] = result.self_attention
             return result.vector
 
-        found = service.search(query, refine=refine)
-        return SearchAnswer(results=[neighbour_of(r) for r in found.results], reco=True,
+        found = service.search(query, refine=refine, fetch=fetch)
+        return SearchAnswer(results=self._results(found.results, query), reco=True,
                             query_modality=found.query_modality, target=found.target, encoder_id=found.encoder_id,
                             random_weights=found.random_weights,
                             neighbours=self._with_metadata(explanation.get("neighbours", [])),
@@ -442,6 +601,42 @@ class ServingService:
                 raise UnknownFilterField(f"unknown filter field {key!r}: no item has an extra column "
                                          f"{key.removeprefix('extra.')!r}")
 
+    def _results(self, found: list[SearchResult], query: SearchQuery) -> list[NeighbourOut]:
+        """The hits as results: one per image (best score first, all its captions) unless asked otherwise."""
+        results = [neighbour_of(r) for r in found]
+        if query.distinct_images:
+            grouped: dict[str, NeighbourOut] = {}
+            for r in results:
+                grouped.setdefault(r.image_hash or r.item_id, r)
+            results = list(grouped.values())[: query.k]
+            captions = self.repo.captions_of_images([r.image_hash for r in results if r.image_hash])
+            for r in results:
+                r.captions = captions.get(r.image_hash or "", []) or ([r.caption] if r.caption else [])
+        return self._named(results)
+
+    def label_names(self, dataset: str | None) -> list[str] | None:
+        """The class names of a dataset in the memory (its ``classes.txt``, found as the class sets are)."""
+        if not dataset:
+            return None
+        path = class_sets(self.settings).get(dataset)
+        if path is None:
+            return None
+        key = (str(path), path.stat().st_mtime_ns)
+        cached = self._label_cache.get(dataset)
+        if cached is None or cached[0] != key:
+            try:
+                cached = self._label_cache[dataset] = (key, load_classes(path))
+            except Exception:  # noqa: BLE001 - an unreadable classes.txt: numbers instead of names
+                return None
+        return cached[1]
+
+    def _named(self, neighbours: list[NeighbourOut]) -> list[NeighbourOut]:
+        for n in neighbours:
+            names = self.label_names(n.dataset) if n.label is not None else None
+            if names and n.label is not None and 0 <= n.label < len(names):
+                n.label_name = names[n.label]
+        return neighbours
+
     def _with_metadata(self, neighbours: list[NeighbourOut]) -> list[NeighbourOut]:
         """Source, dataset and split from the metadata DB (one query)."""
         if not neighbours:
@@ -455,7 +650,28 @@ class ServingService:
                 n.label = n.label if n.label is not None else item.label
                 n.caption = n.caption or item.caption
                 n.image_hash = n.image_hash or item.image_hash
-        return neighbours
+        return self._named(neighbours)
+
+    # --- the memory's map -------------------------------------------------------------------------------------
+    def memory_map(self, query: MapQuery, image_bytes: bytes | None = None) -> MemoryMap:
+        """A 2-D PCA map of the image vectors (one point per image) with class names; an item or an uploaded
+        image marked as the query, with its nearest images."""
+        self.last_request = time.monotonic()
+        live = self.live()
+        if live.memory is None:
+            raise LookupError("the memory is empty: ingest something first (reco ingest SOURCE)")
+        vector = None
+        if image_bytes is not None:
+            vector = live.encoder.encode_images([open_image_safely(image_bytes, self.limits)])[0]
+        answer = memory_map(live.memory, query, query_vector=vector)
+        named = self._named([NeighbourOut(item_id=p.item_id, caption=p.caption, score=0.0, dataset=p.dataset,
+                                          label=p.label) for p in answer.points])
+        for point, n in zip(answer.points, named, strict=True):
+            point.label_name = n.label_name
+        if answer.query is not None and answer.query.label is not None:
+            answer.query.label_name = self._named([NeighbourOut(item_id="q", score=0.0, dataset=answer.query.dataset,
+                                                                label=answer.query.label)])[0].label_name
+        return answer
 
     # --- items ---------------------------------------------------------------------------------------------
     def list_items(self, *, filters: dict[str, Any] | None = None, offset: int = 0, limit: int = 50,
@@ -528,7 +744,7 @@ class ServingService:
                                         for n in refined.neighbours])
         n = k or self.settings.k_infer
         hits = memory.search(vector, Modality.IMAGE, n, exclude_ids=[item_id, *others], distinct_images=True)
-        return [neighbour_of(h) for h in hits][:n]
+        return self._named([neighbour_of(h) for h in hits][:n])
 
     def delete_item(self, item_id: str, reason: str) -> DeleteOut:
         """Takedown: vectors removed from every collection, the row marked deleted (time, reason), caches
@@ -554,8 +770,12 @@ class ServingService:
 
     # --- ingest jobs -------------------------------------------------------------------------------------
     def start_ingest(self, source: Path, *, kind: str, total: int | None = None,
-                     cleanup: Callable[[], None] | None = None) -> JobOut:
-        """Queue an ingestion of ``source`` (one job at a time, in this process); returns the job at once."""
+                     cleanup: Callable[[], None] | None = None, dataset: str | None = None,
+                     caption_template: str | None = None) -> JobOut:
+        """Queue an ingestion of ``source`` (one job at a time, in this process); returns the job at once.
+
+        ``total`` (rows to go through) is counted in the job's thread when not given, so every job has a
+        progress; ``dataset`` names the items; ``caption_template`` captions class-folder trees."""
         if self._ingest_runner is None:
             raise RuntimeError("this serving service was built without an ingest runner")
         from app.services.ingest import IngestService
@@ -564,11 +784,20 @@ class ServingService:
         ingest = IngestService(self.settings, encoder=live.encoder, repo=self.repo)
         job_id = ingest.start_job(str(source), kind)
         self._job_totals[job_id] = total
+        cancel = self._job_cancel[job_id] = threading.Event()
         runner = self._ingest_runner
+        options: dict[str, Any] = {k: v for k, v in (("dataset", dataset), ("caption_template", caption_template))
+                                   if v}
 
         def work() -> dict[str, Any]:
             try:
-                return runner(source, self.settings, service=ingest, job_id=job_id, progress=False)
+                if cancel.is_set():  # cancelled while it waited for the job before it
+                    ingest.finish_job(job_id, JobStatus.CANCELLED, "cancelled before it started")
+                    return {"job_id": job_id, "status": JobStatus.CANCELLED}
+                if self._job_totals.get(job_id) is None:  # the runner counts the rows first
+                    options["on_total"] = lambda n: self._job_totals.__setitem__(job_id, n)
+                return runner(source, self.settings, service=ingest, job_id=job_id, progress=False,
+                              cancelled=cancel.is_set, **options)
             except Exception as exc:
                 log.exception("ingest job %d failed", job_id)
                 ingest.finish_job(job_id, JobStatus.FAILED, f"{type(exc).__name__}: {exc}")
@@ -580,13 +809,27 @@ class ServingService:
         self._job_futures[job_id] = self._jobs.submit(work)
         return self.get_job(job_id)
 
+    def cancel_job(self, job_id: int) -> JobOut:
+        """Ask a job to stop: between two batches it ends as *cancelled*; what it stored stays. A job that
+        already ended is returned as it is."""
+        job = self.get_job(job_id, failures=0)
+        event = self._job_cancel.get(job_id)
+        if job.status == JobStatus.RUNNING and event is not None:
+            event.set()
+            log.warning("ingest job %d: cancel requested", job_id)
+        elif job.status == JobStatus.RUNNING:
+            raise LookupError(f"ingest job {job_id} is not run by this process (an embed worker's job)")
+        return self.get_job(job_id)
+
     def get_job(self, job_id: int, *, failures: int = 200) -> JobOut:
         job = self.repo.get_job(job_id)
         if job is None:
             raise LookupError(f"no ingest job {job_id}")
         return JobOut(id=job.id, source=job.source, kind=job.kind, status=job.status, seen=job.seen,
                       ingested=job.ingested, duplicates=job.duplicates, failed=job.failed,
-                      total=self._job_totals.get(job_id), error=job.error, started_at=job.started_at,
+                      total=self._job_totals.get(job_id),
+                      cancel_requested=bool(job_id in self._job_cancel and self._job_cancel[job_id].is_set()),
+                      error=job.error, started_at=job.started_at,
                       finished_at=job.finished_at,
                       failures=[FailureOut(source=f.source, reason=f.reason, detail=f.detail)
                                 for f in self.repo.job_failures(job_id, limit=failures)])
@@ -614,6 +857,13 @@ class ServingService:
 
     def close(self) -> None:
         self._jobs.shutdown(wait=False, cancel_futures=True)
+
+
+def _words(text: str) -> str:
+    """Lower case, punctuation and '_'/'-' as spaces, padded: whole-word containment by substring."""
+    import re
+
+    return " " + " ".join(re.sub(r"[^0-9a-z]+", " ", text.lower()).split()) + " "
 
 
 def _refines(mode: RefineMode, query: Modality) -> bool:

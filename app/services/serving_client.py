@@ -9,7 +9,10 @@ from typing import Any
 
 from app.config import Settings
 from app.remote import HttpClient, ServerError, ServerInfo
+from app.services.memory_map import MapQuery, MemoryMap
 from app.services.serving import (
+    ClassCoverage,
+    ClassSetPrepared,
     DeleteOut,
     ItemDetail,
     ItemsPage,
@@ -55,6 +58,28 @@ class ServingClient:
         out = self.http.json("POST", "/v1/search", json=body)
         return SearchAnswer.model_validate(out | {"via": f"reco serve ({self.url})"})
 
+    def prepare_classes(self, query: PredictQuery, progress: Any = None) -> ClassSetPrepared:
+        body = query.model_dump(mode="json", exclude={"top"}, exclude_none=True)
+        out = ClassSetPrepared.model_validate(self.http.json("POST", "/v1/classes/prepare", json=body))
+        if progress is not None:
+            n = out.classes * (2 if out.refined else 1)
+            progress(n, n)
+        return out
+
+    def class_coverage(self, labels: list[str]) -> ClassCoverage:
+        return ClassCoverage.model_validate(self.http.json("POST", "/v1/classes/coverage", json={"labels": labels}))
+
+    def memory_map(self, query: MapQuery, image_bytes: bytes | None = None) -> MemoryMap:
+        body = query.model_dump(mode="json")
+        if image_bytes is not None:
+            body["image_b64"] = base64.b64encode(image_bytes).decode("ascii")
+        try:
+            return MemoryMap.model_validate(self.http.json("POST", "/v1/map", json=body))
+        except ServerError as exc:
+            if exc.status == 404:
+                raise LookupError(exc.message) from exc
+            raise
+
     def list_items(self, *, filters: dict[str, Any] | None = None, offset: int = 0, limit: int = 50,
                    caption_contains: str | None = None) -> ItemsPage:
         params: dict[str, Any] = dict(filters or {}) | {"offset": offset, "limit": limit}
@@ -81,12 +106,25 @@ class ServingClient:
     def delete_item(self, item_id: str, reason: str) -> DeleteOut:
         return DeleteOut.model_validate(self.http.json("DELETE", f"/v1/items/{item_id}", params={"reason": reason}))
 
-    def ingest_upload(self, name: str, data: bytes) -> JobOut:
-        out = self.http.json("POST", "/v1/ingest", files=[("file", (name, data, "application/octet-stream"))])
+    def ingest_upload(self, name: str, data: bytes, *, dataset: str | None = None,
+                      caption_template: str | None = None) -> JobOut:
+        form = {k: v for k, v in (("dataset", dataset), ("caption_template", caption_template)) if v}
+        out = self.http.json("POST", "/v1/ingest", data=form,
+                             files=[("file", (name, data, "application/octet-stream"))])
         return JobOut.model_validate(out)
 
-    def ingest_path(self, path: Path) -> JobOut:
-        return JobOut.model_validate(self.http.json("POST", "/v1/ingest", json={"path": str(path)}))
+    def ingest_path(self, path: Path, *, dataset: str | None = None, caption_template: str | None = None) -> JobOut:
+        body = {"path": str(path)} | {k: v for k, v in (("dataset", dataset), ("caption_template", caption_template))
+                                      if v}
+        return JobOut.model_validate(self.http.json("POST", "/v1/ingest", json=body))
+
+    def cancel_job(self, job_id: int) -> JobOut:
+        try:
+            return JobOut.model_validate(self.http.json("POST", f"/v1/jobs/{job_id}/cancel"))
+        except ServerError as exc:
+            if exc.status in (404, 409):
+                raise LookupError(exc.message) from exc
+            raise
 
     def get_job(self, job_id: int) -> JobOut:
         return JobOut.model_validate(self.http.json("GET", f"/v1/jobs/{job_id}"))

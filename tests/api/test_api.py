@@ -199,8 +199,12 @@ def test_search_text_image_targets_filters_threshold_reco(server: Server) -> Non
         captions = http.post("/v1/search", json={"text": "a photo of a hat", "k": 5, "target": "text"}).json()
         assert captions["target"] == "text" and len(captions["results"]) == 5
         image = base64.b64encode(_image()).decode()
-        similar = http.post("/v1/search", json={"image_b64": image, "target": "image", "k": 4}).json()
-        assert similar["query_modality"] == "image" and len(similar["results"]) == 4
+        similar = http.post("/v1/search", json={"image_b64": image, "k": 4}).json()  # default: similar images
+        assert similar["query_modality"] == "image" and similar["target"] == "image" and len(similar["results"]) == 4
+        assert all(r["captions"] == [r["caption"]] and r["label_name"] in CLASSES + ["long-sleeve shirt", "outerwear",
+                   "pants", "shirt", "skirt"] for r in similar["results"])
+        by_caption = http.post("/v1/search", json={"image_b64": image, "target": "text", "k": 4}).json()
+        assert by_caption["target"] == "text" and len(by_caption["results"]) == 4
         assert len({r["item_id"] for r in similar["results"]}) == 4
         filtered = http.post("/v1/search", json={"text": "a hat", "k": 10, "filters": {"label": 1}}).json()
         assert filtered["results"] and all(r["label"] == 1 for r in filtered["results"])
@@ -210,6 +214,33 @@ def test_search_text_image_targets_filters_threshold_reco(server: Server) -> Non
         assert 3 <= len(above["results"]) < 20 and all(r["score"] >= threshold - 1e-6 for r in above["results"])
         reco = http.post("/v1/search", json={"text": "a photo of a hat", "k": 5, "mode": "text", "k_prime": 3}).json()
         assert reco["reco"] and len(reco["neighbours"]) == 3 and reco["self_attention"] is not None
+
+
+def test_memory_map(server: Server) -> None:
+    with server.client(server.read) as http:
+        plain = http.post("/v1/map", json={}).json()
+        assert plain["total"] >= 39 and len(plain["points"]) == plain["total"] and plain["query"] is None
+        assert all(p["label_name"] for p in plain["points"])
+        item = plain["points"][0]["item_id"]
+        marked = http.post("/v1/map", json={"item_id": item, "k": 5}).json()
+        assert marked["query"]["item_id"] == item and sum(p["role"] == "neighbour" for p in marked["points"]) == 5
+        image = base64.b64encode(_image()).decode()
+        by_image = http.post("/v1/map", json={"image_b64": image, "k": 3}).json()
+        assert by_image["query"]["role"] == "query" and sum(p["role"] == "neighbour" for p in by_image["points"]) == 3
+        _error(http.post("/v1/map", json={"item_id": "no-such-item"}), 404, "not_found")
+
+
+def test_class_coverage_and_text_side_explanation(server: Server) -> None:
+    with server.client(server.read) as http:
+        coverage = http.post("/v1/classes/coverage", json={"labels": ["hat", "golf ball", "dress"]}).json()
+        assert (coverage["held"], coverage["missing"]) == (2, ["golf ball"])
+        assert http.post("/v1/classes/coverage", json={"class_set": "clothing10"}).json()["missing_count"] == 0
+        answer = http.post("/v1/predict", data={"class_set": "clothing10", "mode": "text"},
+                           files=[("images", ("q.jpg", _image(), "image/jpeg"))]).json()["predictions"][0]
+        assert len(answer["class_explanations"]) == 3 and answer["neighbours"] == []
+        assert all(len(c["neighbours"]) == 4 and c["neighbours"][0]["attention"] is not None
+                   for c in answer["class_explanations"])
+        assert answer["relatedness"]["top_similarity"] > 0 and answer["relatedness"]["sample"] >= 5
 
 
 def test_search_errors(server: Server) -> None:
@@ -321,6 +352,38 @@ def test_ingest_upload_zip_manifest_and_server_path(server: Server) -> None:
         assert [j["id"] for j in recent][0] == job["id"]
         found = http.post("/v1/search", json={"text": "a plain square number 1", "k": 3, "target": "text"}).json()
         assert any(r["caption"] == "a plain square number 1" for r in found["results"])  # searchable at once
+
+
+def test_ingest_class_folders_dataset_name_total_and_cancel(server: Server) -> None:
+    """A zip of class folders without captions, captioned from a template and filed under a chosen dataset
+    name; a server-path job has a total (progress); cancel on a finished job returns it, unknown is 404."""
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("red_square/a.png", png_bytes((40, 40), (240, 10, 10)))
+        zf.writestr("green_square/b.png", png_bytes((40, 40), (10, 240, 10)))
+    with server.client(server.write) as http:
+        started = http.post("/v1/ingest", data={"dataset": "squares", "caption_template": "a photo of a {folder}."},
+                            files=[("file", ("classes.zip", archive.getvalue(), "application/zip"))])
+        assert started.status_code == 202, started.text
+        job = _wait_job(http, started.json()["id"])
+        assert (job["status"], job["ingested"], job["failed"], job["total"]) == ("completed", 2, 0, 2), job
+        items = http.get("/v1/items", params={"dataset": "squares"}).json()["items"]
+        assert sorted((i["caption"], i["label"]) for i in items) == [("a photo of a green square.", 0),
+                                                                      ("a photo of a red square.", 1)]
+        found = http.post("/v1/search", json={"text": "a photo of a red square.", "k": 1, "target": "text",
+                                              "filters": {"dataset": "squares"}}).json()["results"][0]
+        assert found["label_name"] == "red square"  # classes.txt written for the dataset
+        folder = server.manifests / "clothing10"
+        path_job = http.post("/v1/ingest", json={"path": str(folder / "manifest.csv")}).json()
+        done = _wait_job(http, path_job["id"])
+        assert done["total"] == 40, done  # counted before the work: a progress for server paths too
+        cancelled = http.post(f"/v1/jobs/{done['id']}/cancel")
+        assert cancelled.status_code == 200 and cancelled.json()["status"] == "completed"
+        _error(http.post("/v1/jobs/999999/cancel"), 404, "not_found")
+        _error(http.post("/v1/ingest", json={"path": str(folder), "caption_template": "a {label}"}), 400,
+               "invalid_request")
+    with server.client(server.read) as reader:
+        _error(reader.post(f"/v1/jobs/{done['id']}/cancel"), 403, "insufficient_scope")
 
 
 def test_ingest_errors(server: Server, tmp_path: Path) -> None:

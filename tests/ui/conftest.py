@@ -64,6 +64,44 @@ def prepared_memory(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "data"
 
 
+BASE_MODEL, BASE_TAG = "reco-base", "flickr8k_s229k_b128_r128"  # the project's own trained encoder (README)
+BASE_PER_CLASS = 20
+
+
+def base_settings(data_dir: Path) -> Settings:
+    return Settings(data_dir=data_dir, clip_model=BASE_MODEL, clip_pretrained=BASE_TAG, decode_workers=0,
+                    ingest_batch_size=50, allowed_roots=[SAMPLE], k_infer=4)
+
+
+@pytest.fixture(scope="session")
+def base_memory(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's memory in small: 20 Clothing-10 train images per class embedded by the base encoder
+    (trained weights, so similarities mean something; no fusion checkpoint)."""
+    from app.services.ingest import prepare_storage
+    from ingestion.pipeline import ingest_source
+
+    root = tmp_path_factory.mktemp("ui-base-memory")
+    settings = base_settings(root / "data")
+    prepare_storage(settings)
+    summary = ingest_source(subset_manifest(root / "manifests", per_class=BASE_PER_CLASS), settings, progress=False)
+    assert summary["ingested"] == 10 * BASE_PER_CLASS, summary
+    close_stores()
+    return root / "data"
+
+
+def val_images(per_class: int = 3) -> list[tuple[Path, int]]:
+    """The first held-out images of each class, with their labels."""
+    taken: dict[int, int] = {}
+    out = []
+    with (SAMPLE / "manifest.csv").open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            label = int(row["label"])
+            if row["split"] == "val" and taken.get(label, 0) < per_class:
+                taken[label] = taken.get(label, 0) + 1
+                out.append((SAMPLE / row["image"], label))
+    return out
+
+
 def ui_env(monkeypatch: pytest.MonkeyPatch, data_dir: Path) -> None:
     for key, value in {"RECO_DATA_DIR": str(data_dir), "RECO_CLIP_MODEL": "reco-tiny", "RECO_CLIP_PRETRAINED": "",
                        "RECO_DECODE_WORKERS": "0", "RECO_ALLOWED_ROOTS": f'["{SAMPLE}"]', "RECO_K_INFER": "4"}.items():
@@ -76,6 +114,21 @@ def ui_data(prepared_memory: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     data_dir = tmp_path / "data"
     shutil.copytree(prepared_memory, data_dir)
     ui_env(monkeypatch, data_dir)
+    st.cache_resource.clear()
+    st.cache_data.clear()
+    yield data_dir
+    st.cache_resource.clear()
+    close_stores()
+
+
+@pytest.fixture
+def base_ui_data(base_memory: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """This test's copy of the base-encoder memory, the environment pointing at it."""
+    data_dir = tmp_path / "data"
+    shutil.copytree(base_memory, data_dir)
+    ui_env(monkeypatch, data_dir)
+    monkeypatch.setenv("RECO_CLIP_MODEL", BASE_MODEL)
+    monkeypatch.setenv("RECO_CLIP_PRETRAINED", BASE_TAG)
     st.cache_resource.clear()
     st.cache_data.clear()
     yield data_dir

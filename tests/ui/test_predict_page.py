@@ -44,10 +44,35 @@ def test_prediction_appears_after_upload(ui_data: Path) -> None:
     assert "#### CLIP top-5" in text and "#### RECO top-5 · mode both, k=4" in text
     assert text.count("— ") >= 10  # five ranked classes on each side, with probabilities
     assert "-badge[" in text  # RECO's rows marked against CLIP's ranks
-    assert any("top-1" in s.value for s in [*at.success, *at.caption])
-    assert "Neighbours from the memory" in text
-    assert text.count("attention **") == 4  # k'=4 neighbours, each with the fusion's weight
-    assert [b.label for b in at.button].count("Open") == 4
+    assert any("top-1" in s.value for s in [*at.info, *at.caption])
+    assert not at.success  # a changed top-1 is stated neutrally, never as a success
+    assert "Why RECO answered as it did" in text
+    assert [t.label for t in at.tabs] == ["Text side: the top classes' prompts", "Image side: the image's neighbours"]
+    # both sides: 3 classes x 4 prompt neighbours, and the image's own 4, each with the fusion's weight
+    assert text.count("attention **") == 3 * 4 + 4
+    assert text.count("retrieved these captions (text→text)") == 3
+    assert [b.label for b in at.button].count("Open") == 16
+    assert any("Nearest memory image: similarity" in c.value for c in [*at.caption, *at.warning])
+    assert any("The memory's captions mention all 10 classes" in c.value for c in at.caption)
+
+
+def test_text_mode_explains_through_the_class_prompts(ui_data: Path) -> None:
+    image = sample_image()
+    at = app().run()
+    at.selectbox(key="predict_mode").set_value("text").run()
+    at = upload(at, (image.name, image.read_bytes(), "image/jpeg"))
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert [t.label for t in at.tabs] == ["Text side: the top classes' prompts"]
+    assert markdown(at).count("retrieved these captions (text→text)") == 3
+    assert any("decides through the class prompts" in c.value for c in at.caption)
+
+
+def test_class_sets_the_memory_does_not_hold_are_flagged(ui_data: Path) -> None:
+    at = app().run()
+    at.radio(key="predict_class_source").set_value("Labels typed in").run()
+    at.text_area(key="predict_labels").set_value("hat, golf ball, garbage truck, dress").run()
+    flagged = [w.value for w in at.warning if "classes" in w.value and "RANDOM" not in w.value]
+    assert flagged and "holds 2 of these 4 classes" in flagged[0] and "golf ball, garbage truck" in flagged[0]
 
 
 def test_bad_files_get_clear_errors_and_the_good_one_a_prediction(ui_data: Path,

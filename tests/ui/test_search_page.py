@@ -6,7 +6,7 @@ from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
 
-from tests.ui.conftest import UI_APP, png_bytes, sample_image
+from tests.ui.conftest import UI_APP, png_bytes, sample_image, val_images
 
 
 def search_page() -> AppTest:
@@ -62,7 +62,14 @@ def test_image_search_and_bad_image(ui_data: Path) -> None:
     at.file_uploader(key="search_image").set_value((image.name, image.read_bytes(), "image/jpeg"))
     at.button[0].click().run()
     assert not at.error, [e.value for e in at.error]
-    assert "image→image" in markdown(at)  # an image query ranks similar images by default
+    assert "image→image" in markdown(at)  # an image finds similar images by default
+    assert "**Query:** image " + image.name in markdown(at)  # the query shown above its results
+    at.radio(key="search_target").set_value("Captions")
+    at.button[0].click().run()
+    assert "image→text" in markdown(at)
+    answer = at.session_state["search_results"][1]
+    assert len({r.image_hash for r in answer.results}) == len(answer.results)  # one result per image
+    assert all(r.captions for r in answer.results)
     at.file_uploader(key="search_image").set_value(("broken.png", png_bytes()[:40], "image/png"))
     at.button[0].click().run()
     assert at.error and "broken.png" in at.error[0].value and "rejected" in at.error[0].value
@@ -77,4 +84,43 @@ def test_result_opens_its_item_page(ui_data: Path) -> None:
     opens[0].click().run()
     assert not at.exception, at.exception
     assert at.title[0].value == "Memory item"
-    assert at.session_state["memory_item"] == item_id
+    assert at.query_params["item"] == [item_id] or at.query_params["item"] == item_id
+
+
+def test_similar_image_search_returns_the_query_class_first(base_ui_data: Path) -> None:
+    """On the demo's memory (base encoder), an image query finds similar images by default: the first result
+    is of the query's own class, shown with its class name."""
+    from tests.ui.conftest import SAMPLE
+
+    classes = (SAMPLE / "classes.txt").read_text().split("\n")
+    queries = {label: path for path, label in reversed(val_images(1))}
+    at = search_page()
+    at.radio(key="search_kind").set_value("Image").run()
+    for label in (1, 6):  # hat, shoes: their first held-out images
+        image = queries[label]
+        at.file_uploader(key="search_image").set_value((image.name, image.read_bytes(), "image/jpeg"))
+        at.button[0].click().run()
+        assert not at.error, [e.value for e in at.error]
+        assert "image→image" in markdown(at)
+        first = at.session_state["search_results"][1].results[0]
+        assert first.label == label, (image.name, first)
+        assert first.label_name == classes[label]
+        assert any(f"class **{classes[label]}**" in c.value for c in at.caption)
+
+
+def test_similar_images_rank_the_own_class_first_well_above_chance(base_ui_data: Path) -> None:
+    """Over 30 held-out images (3 per class), image→image search through the serving service puts an image
+    of the query's class first far more often than chance (10 %); measured 13 / 30 when written."""
+    from app.config import Settings
+    from app.services.serving import SearchQuery, ServingService
+
+    service = ServingService(Settings())
+    try:
+        hits = 0
+        for path, label in val_images(3):
+            answer = service.search(SearchQuery(image_bytes=path.read_bytes(), k=5))
+            assert answer.target == "image" and answer.query_modality == "image"
+            hits += answer.results[0].label == label
+    finally:
+        service.close()
+    assert hits >= 9, f"own class first for {hits} / 30"

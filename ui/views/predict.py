@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import time
 from pathlib import Path
 
 import streamlit as st
@@ -16,6 +17,7 @@ from app.manifest import ManifestError, load_classes
 from app.memory.base import MemoryStoreError
 from app.schemas import RefineMode
 from app.services.method_common import MethodError
+from app.services.serving import ClassCoverage
 from ui import components, state
 from ui.backend import PredictView
 
@@ -84,14 +86,111 @@ def show_prediction(index: int, name: str, data: bytes, view: PredictView, setti
     with right:
         components.compare_top_k(view.clip, view.reco, reco_label=f"mode {view.mode}, k={view.k}",
                                  why_not=view.reco_unavailable)
+    show_relatedness(view)
+    if view.reco is None:
+        return
+    sides = []
+    if view.class_explanations:
+        sides.append("Text side: the top classes' prompts")
     if view.neighbours:
-        st.markdown("##### Neighbours from the memory (why RECO answered as it did)")
-        kept = f"{view.self_attention:.1%}" if view.self_attention is not None else "?"
-        st.caption(f"Image→image search found these {len(view.neighbours)} items; the fusion kept {kept} of its "
-                   "attention on the query itself and spread the rest over their captions (attention below).")
-        components.neighbour_grid(view.neighbours, settings, key=f"predict-{index}")
-    elif view.reco is not None and view.mode == RefineMode.TEXT:
-        st.caption("Mode `text` refines only the class prompts: the image itself retrieved no neighbours.")
+        sides.append("Image side: the image's neighbours")
+    if not sides:
+        return
+    st.markdown("##### Why RECO answered as it did")
+    st.caption({RefineMode.TEXT: "Mode `text` decides through the class prompts, each refined with the captions "
+                                 "it retrieves from the memory: the text side is the explanation.",
+                RefineMode.BOTH: "Mode `both` refines the class prompts (text side) and the image (image side); "
+                                 "the answer compares the two.",
+                RefineMode.IMAGE: "Mode `image` refines the image with its neighbours' captions: the image side "
+                                  "is the explanation."}.get(view.mode, ""))
+    for tab, side in zip(st.tabs(sides), sides, strict=True):
+        with tab:
+            if side.startswith("Text"):
+                show_text_side(index, view, settings)
+            else:
+                kept = f"{view.self_attention:.1%}" if view.self_attention is not None else "?"
+                st.caption(f"Image→image search found these {len(view.neighbours)} items; the fusion kept {kept} "
+                           "of its attention on the image itself and spread the rest over their captions.")
+                components.neighbour_grid(view.neighbours, settings, key=f"predict-{index}")
+
+
+def show_text_side(index: int, view: PredictView, settings: Settings) -> None:
+    for n, explained in enumerate(view.class_explanations):
+        kept = f"{explained.self_attention:.1%}" if explained.self_attention is not None else "?"
+        st.markdown(f"**{explained.name}** — prompt “{explained.prompt}” retrieved these captions (text→text); "
+                    f"the fusion kept {kept} of its attention on the prompt itself")
+        components.neighbour_grid(explained.neighbours, settings, key=f"predict-{index}-class-{n}")
+
+
+def show_relatedness(view: PredictView) -> None:
+    """How related the memory was: the query's nearest memory image against the memory's own images."""
+    r = view.relatedness
+    if r is None:
+        return
+    line = f"Nearest memory image: similarity **{r.top_similarity:.3f}**"
+    if r.typical is not None and r.low is not None:
+        line += (f" (this memory's own images: typically {r.typical:.3f} to their nearest, 5 % below "
+                 f"{r.low:.3f}, over {r.sample})")
+    if r.outside:
+        st.warning(line + ". The image is **outside the memory's domain**: RECO's refinement draws on unrelated "
+                   "items here, and CLIP's answer is the safer one.", icon=":material/travel_explore:")
+    else:
+        st.caption(line + ".")
+
+
+def flag_uncovered(settings: Settings, classes: list[str]) -> None:
+    """Before predicting: the classes no caption of the memory mentions (RECO has nothing of theirs to draw on)."""
+    key = ("coverage", state.fingerprint(settings), tuple(classes))
+    cache: dict[tuple[object, ...], ClassCoverage] = st.session_state.setdefault(CACHE_KEY + "_coverage", {})
+    if key not in cache:
+        try:
+            cache[key] = state.service(settings).class_coverage(list(classes))
+        except Exception as exc:  # noqa: BLE001 - the check is advice: never block a prediction on it
+            st.caption(f"(could not check the class set against the memory: {exc})")
+            return
+    c = cache[key]
+    if c.missing_count == 0:
+        st.caption(f"The memory's captions mention all {c.classes} classes.")
+        return
+    shown = ", ".join(c.missing[:8]) + (" …" if c.missing_count > 8 else "")
+    st.warning(f"**The memory holds {c.held} of these {c.classes} classes** — no caption mentions "
+               f"{c.missing_count}: {shown}. RECO refines with what it retrieves; for classes the memory does not "
+               "hold it can turn CLIP's right answer into a confident wrong one. Ingest pairs of these classes, "
+               "or compare with CLIP.", icon=":material/warning:")
+
+
+PREPARE_CHUNK = 50  # labels per step of a class set's preparation (the progress bar's granularity)
+
+
+def prepare_classes(settings: Settings, classes: list[str], mode: str, k: int) -> None:
+    """The class set's embeddings computed before the first prediction, in chunks under a progress bar (the
+    service batches each chunk and caches it; later predictions, and restarts, find them ready)."""
+    if settings.ui_use_workers:
+        return  # the refine worker prepares them itself
+    key = ("prepared", state.fingerprint(settings), tuple(classes), mode, k)
+    done: set[tuple[object, ...]] = st.session_state.setdefault(CACHE_KEY + "_prepared", set())
+    if key in done:
+        return
+    from app.services.serving import PredictQuery
+
+    service = state.service(settings)
+    started = time.perf_counter()
+    bar = st.progress(0.0, text=f"Preparing the {len(classes)} classes (prompt embeddings, refined by the memory) …")
+    try:
+        for start in range(0, len(classes), PREPARE_CHUNK):
+            chunk = classes[start: start + PREPARE_CHUNK]
+            service.prepare_classes(PredictQuery(labels=chunk, mode=RefineMode(mode), k=k))
+            ready = min(len(classes), start + len(chunk))
+            bar.progress(ready / len(classes), text=f"Preparing the classes: {ready} of {len(classes)} …")
+        prepared = service.prepare_classes(PredictQuery(labels=classes, mode=RefineMode(mode), k=k))
+    except (MethodError, MemoryStoreError, LookupError, ValueError) as exc:
+        bar.empty()
+        st.caption(f"(the class set was not prepared ahead: {exc})")
+        return
+    bar.empty()
+    done.add(key)
+    st.caption(f"{prepared.classes} classes ready in {time.perf_counter() - started:.1f} s"
+               + (" (CLIP and refined prompts)" if prepared.refined else "") + "; cached for later predictions.")
 
 
 def predict_one(index: int, name: str, data: bytes, classes: list[str], mode: str, k: int,
@@ -131,11 +230,13 @@ def render() -> None:
     if not classes:
         st.info("Choose a class set to classify against.")
         return
+    flag_uncovered(settings, classes)
     if not files:
         st.info(f"Upload an image to classify it against {len(classes)} classes.")
         return
     if len(files) > settings.upload_max_files:
         st.warning(f"Only the first {settings.upload_max_files} of {len(files)} files are classified.")
+    prepare_classes(settings, classes, mode, k)
     for index, file in enumerate(files[: settings.upload_max_files]):
         predict_one(index, file.name, file.getvalue(), classes, mode, k, settings)
 

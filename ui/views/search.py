@@ -35,7 +35,7 @@ def choose_filters(settings: Settings) -> dict[str, Any]:
     return filters
 
 
-TARGETS = {"Images": "image", "Captions": "text"}
+TARGETS = {"Images": "image", "Captions": "text"}  # what a query ranks: images first (similar images)
 
 
 def build_query(kind: str, text: str, upload: Any, filters: dict[str, Any], settings: Settings,
@@ -72,14 +72,24 @@ def run_search(settings: Settings, query: SearchQuery, reco: bool, k: int, label
     except Exception as exc:  # noqa: BLE001 - a worker timeout or a broker error: say it, keep the page alive
         st.error(f"The search failed — {type(exc).__name__}: {exc}")
         return
-    st.session_state[RESULTS_KEY] = (label, view)
+    st.session_state[RESULTS_KEY] = (label, view, query.image_bytes)
 
 
 def show_results(settings: Settings) -> None:
-    stored: tuple[str, SearchView] | None = st.session_state.get(RESULTS_KEY)
+    stored: tuple[str, SearchView, bytes | None] | None = st.session_state.get(RESULTS_KEY)
     if stored is None:
         return
-    label, view = stored
+    label, view, image = stored
+    if image is not None:  # the query itself, above what it found
+        left, right = st.columns([1, 6])
+        try:
+            shown = components.small_image(image, settings)
+        except ImageRejected:
+            shown = None
+        left.image(shown or components.placeholder(), width="stretch", alt=f"query image {label}")
+        right.markdown(f"**Query:** {label}")
+        right.caption("Images: the memory's most similar images (image→image); Captions: the captions closest "
+                      "to the image (image→text). One result per image, with all its captions.")
     if view.reco_unavailable:
         st.warning(f"RECO is unavailable, these are CLIP's results: {view.reco_unavailable}")
     how = "RECO (query refined)" if view.reco else "CLIP"
