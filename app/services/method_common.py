@@ -24,6 +24,7 @@ from app.db.runs import CheckpointRecord, checkpoint_by_sha256, newest_checkpoin
 from app.db.session import make_session_factory, upgrade_database
 from app.encoder.openclip import collection_name_for
 from app.encoder.weights import file_sha256
+from app.fusion.checkpoint import MIN_DEFAULT_PAIRS, committed_checkpoint_for, trained_pairs
 from app.memory.base import Filters, ItemPayload, MemoryMatrices, VectorMemory
 from app.memory.exact import ExactIndex
 from app.memory.store import open_store
@@ -104,11 +105,36 @@ def resolve_checkpoint(
         if not path.is_file():
             raise MethodError(f"fusion checkpoint not found: {path}")
         return path, checkpoint_by_sha256(factory, file_sha256(path))
-    record = newest_checkpoint(factory, encoder_id)
-    if record is None:
-        raise MethodError(f"no fusion checkpoint registered for encoder {encoder_id}: run `reco train` first "
-                          "(or evaluate with --modes clip)")
-    return Path(record.path), record
+    record = eligible_checkpoint(factory, encoder_id)
+    if record is not None and Path(record.path).is_file():
+        return Path(record.path), record
+    committed = committed_checkpoint_for(encoder_id)
+    if committed is not None:
+        return committed, checkpoint_by_sha256(factory, file_sha256(committed))
+    small = newest_checkpoint(factory, encoder_id)
+    if small is not None:
+        raise MethodError(f"the only fusion checkpoints for encoder {encoder_id} were trained on fewer than "
+                          f"{MIN_DEFAULT_PAIRS} pairs (newest: {small.path}, {trained_pairs(small.metrics)} pairs); "
+                          "such a checkpoint is never used as the default: name it with --checkpoint (or "
+                          "RECO_FUSION_CHECKPOINT), or train on a larger memory")
+    raise MethodError(f"no fusion checkpoint registered for encoder {encoder_id}: run `reco train` first "
+                      "(or evaluate with --modes clip)")
+
+
+def eligible_checkpoint(factory: sessionmaker[Session], encoder_id: str) -> CheckpointRecord | None:
+    """The newest registered checkpoint for ``encoder_id`` trained on at least ``MIN_DEFAULT_PAIRS`` pairs."""
+    from sqlalchemy import select
+
+    from app.db.models import FusionCheckpoint
+    from app.db.session import session_scope
+
+    with session_scope(factory) as session:
+        rows = session.scalars(select(FusionCheckpoint).where(FusionCheckpoint.encoder_id == encoder_id)
+                               .order_by(FusionCheckpoint.created_at.desc(), FusionCheckpoint.id.desc())).all()
+        for row in rows:
+            if trained_pairs(dict(row.metrics or {})) >= MIN_DEFAULT_PAIRS:
+                return CheckpointRecord.of(row)
+    return None
 
 
 def checkpoint_label(path: Path, record: CheckpointRecord | None) -> str:

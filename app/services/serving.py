@@ -311,11 +311,11 @@ class ServingService:
         if live.memory is None:
             live.refiner, live.refiner_error = None, "the memory is empty: ingest something first"
             return
-        from app.db.runs import newest_checkpoint
+        from app.services.method_common import eligible_checkpoint
 
         encoder_id = live.encoder.encoder_id
-        if not self.settings.fusion_checkpoint:
-            record = newest_checkpoint(self.repo.session_factory, encoder_id)
+        if not self.settings.fusion_checkpoint:  # a registered one (enough pairs) wins over the committed default
+            record = eligible_checkpoint(self.repo.session_factory, encoder_id)
             wanted = record.id if record else None
             if live.refiner is not None and live.checkpoint_id == wanted:
                 return
