@@ -85,9 +85,6 @@ def default_variants() -> list[Variant]:
         *_levers("score-bias", "neighbours' search similarities as an attention bias", score_bias=True),
         *_levers("gated+query-dropout", "initialised at mean fusion (learned gate) + query dropout 0.5",
                  gated_init=True, query_dropout=0.5),
-        *_levers("aug+score-bias", "augmented queries + similarity bias", augmented_queries=True, score_bias=True),
-        *_levers("aug+gated+query-dropout", "augmented queries + gate at mean fusion + query dropout",
-                 augmented_queries=True, gated_init=True, query_dropout=0.5),
         *_levers("all-levers", "augmented queries + similarity bias + gate at mean fusion + query dropout",
                  augmented_queries=True, score_bias=True, gated_init=True, query_dropout=0.5),
     ]
@@ -96,6 +93,9 @@ def default_variants() -> list[Variant]:
 def extended_variants() -> list[Variant]:
     """Issue 5's variants (k, dedupe, exclusion, extra pairs): run by naming them with ``--variants``."""
     return [
+        *_levers("aug+score-bias", "augmented queries + similarity bias", augmented_queries=True, score_bias=True),
+        *_levers("aug+gated+query-dropout", "augmented queries + gate at mean fusion + query dropout",
+                 augmented_queries=True, gated_init=True, query_dropout=0.5),
         Variant(name="k=1", group="k", k=1, k_infer=(10,), description="trained with k=1", candidate=False),
         Variant(name="k=5", group="k", k=5, k_infer=(10,), description="trained with k=5", candidate=False),
         Variant(name="k=20", group="k", k=20, k_infer=(30,), description="trained with k=20", candidate=False),
