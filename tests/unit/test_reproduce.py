@@ -382,3 +382,42 @@ def test_quick_plan_runs_every_variant_once() -> None:
     assert full.seeds_of(full.variant("paper+fallback")) == [0, 1, 2]  # reuses the paper fusion
     assert ReproPlan(default_seeds_for=["aug"]).seeds_of(full.variant("aug+fallback")) == [0, 1, 2]
     assert "paper" in {v.name for v in default_variants()}  # the paper recipe stays a named variant
+
+
+class _PixelEncoder:
+    """Embeds an image by its mean colour and size: enough to see that views differ and are cached."""
+
+    encoder_id = "pixels/test"
+    dim = 4
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def encode_images(self, images: list[Image.Image]) -> np.ndarray:
+        self.calls += 1
+        out = [np.asarray(im.convert("RGB"), np.float32).reshape(-1, 3).mean(0).tolist() + [im.size[0] / 100]
+               for im in images]
+        return np.asarray(out, np.float32)
+
+
+def test_augmented_views_are_encoded_once_and_differ_from_the_clean_image(tmp_path: Path) -> None:
+    from app.reproduce.data import encode_augmented_views
+
+    folder = tmp_path / "flickr8k"
+    (folder / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (160, 160, 3), dtype=np.uint8)).save(folder / "images" / f"{i}.jpg")
+        files.append(f"images/{i}.jpg")
+    (folder / "manifest.csv").write_text("image,caption,label,split\n")
+    data = EncodedSet("flickr8k", files, np.zeros((3, 4), np.float32), ["a", "b", "c"], np.zeros(3, np.uint64),
+                      np.asarray(["train"] * 3), np.full(3, -1), [], np.zeros((0, 4), np.float32),
+                      np.zeros(0, np.int64))
+    enc = _PixelEncoder()
+    views = encode_augmented_views(enc, folder, data, np.arange(3), tmp_path / "cache", views=2, progress=False)  # type: ignore[arg-type]
+    assert views.shape == (2, 3, 4) and np.allclose(np.linalg.norm(views, axis=2), 1.0, atol=1e-5)
+    assert not np.allclose(views[0], views[1])  # two random views
+    calls = enc.calls
+    again = encode_augmented_views(enc, folder, data, np.arange(3), tmp_path / "cache", views=2, progress=False)  # type: ignore[arg-type]
+    assert enc.calls == calls and np.array_equal(again, views)  # from the cache
