@@ -112,11 +112,11 @@ def resolve_checkpoint(
     if committed is not None:
         return committed, checkpoint_by_sha256(factory, file_sha256(committed))
     small = newest_checkpoint(factory, encoder_id)
-    if small is not None:
-        raise MethodError(f"the only fusion checkpoints for encoder {encoder_id} were trained on fewer than "
-                          f"{MIN_DEFAULT_PAIRS} pairs (newest: {small.path}, {trained_pairs(small.metrics)} pairs); "
-                          "such a checkpoint is never used as the default: name it with --checkpoint (or "
-                          "RECO_FUSION_CHECKPOINT), or train on a larger memory")
+    if small is not None and Path(small.path).is_file():
+        # No default for this encoder: the newest one is used, but never silently (log and label say so).
+        log.warning("no fusion checkpoint trained on >= %d pairs and no committed default for %s: using %s, "
+                    "trained on %d pairs", MIN_DEFAULT_PAIRS, encoder_id, small.path, trained_pairs(small.metrics))
+        return Path(small.path), small
     raise MethodError(f"no fusion checkpoint registered for encoder {encoder_id}: run `reco train` first "
                       "(or evaluate with --modes clip)")
 
@@ -138,7 +138,10 @@ def eligible_checkpoint(factory: sessionmaker[Session], encoder_id: str) -> Chec
 
 
 def checkpoint_label(path: Path, record: CheckpointRecord | None) -> str:
-    return f"{record.id}:{path.name}" if record else str(path)
+    label = f"{record.id}:{path.name}" if record else str(path)
+    if record is not None and trained_pairs(record.metrics) < MIN_DEFAULT_PAIRS:
+        label += f" (small: trained on {trained_pairs(record.metrics)} pairs)"
+    return label
 
 
 def describe_filters(filters: dict[str, Any] | None) -> str:

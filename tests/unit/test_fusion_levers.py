@@ -139,7 +139,7 @@ def test_a_small_checkpoint_is_never_the_silent_default(tmp_path: Path, monkeypa
     from app.db.runs import register_checkpoint
     from app.db.session import make_session_factory, upgrade_database
     from app.services import method_common
-    from app.services.method_common import MethodError, resolve_checkpoint
+    from app.services.method_common import checkpoint_label, resolve_checkpoint
 
     url = f"sqlite:///{tmp_path / 'meta.db'}"
     upgrade_database(url)
@@ -152,8 +152,8 @@ def test_a_small_checkpoint_is_never_the_silent_default(tmp_path: Path, monkeypa
     small = _checkpoint(tmp_path / "small.safetensors", "enc", 800)
     register_checkpoint(factory, path=str(small), sha256="s1", encoder_id="enc", memory_version="m", config={},
                         metrics={"pairs": 800})
-    with pytest.raises(MethodError, match="fewer than"):
-        resolve_checkpoint(settings, "enc", None, factory)
+    path, record = resolve_checkpoint(settings, "enc", None, factory)  # no default at all: used, but labelled
+    assert path == small and "small: trained on 800 pairs" in checkpoint_label(path, record)
     default = _checkpoint(committed_dir / "default.safetensors", "enc", 30000)
     assert resolve_checkpoint(settings, "enc", None, factory)[0] == default  # the committed one, not the small one
     assert resolve_checkpoint(settings, "enc", small, factory)[0] == small  # named explicitly: used
