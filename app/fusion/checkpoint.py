@@ -136,13 +136,19 @@ def trained_pairs(metrics: dict[str, Any]) -> int:
         return 0
 
 
+def _encoder_of(path: Path) -> str | None:
+    """The encoder id in a checkpoint's header (the tensors are not read)."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            header = fh.metadata() or {}
+        return str(json.loads(header[META_KEY]).get("encoder_id"))
+    except (SafetensorError, OSError, ValueError, KeyError):
+        return None
+
+
 def committed_checkpoint_for(encoder_id: str, folder: Path = COMMITTED_DIR) -> Path | None:
     """The default fusion checkpoint shipped with the repo for this encoder (checkpoints are tied to an encoder)."""
     for path in sorted(Path(folder).glob("*.safetensors")):
-        try:
-            _, meta = read_checkpoint(path)
-        except CheckpointError:
-            continue
-        if meta.encoder_id == encoder_id:
+        if _encoder_of(path) == encoder_id:
             return path
     return None

@@ -105,20 +105,32 @@ def resolve_checkpoint(
         if not path.is_file():
             raise MethodError(f"fusion checkpoint not found: {path}")
         return path, checkpoint_by_sha256(factory, file_sha256(path))
+    path, record = default_checkpoint(factory, encoder_id)
+    if path is not None:
+        if record is None:  # the committed default: registered only if someone registered that file
+            record = checkpoint_by_sha256(factory, file_sha256(path))
+        elif trained_pairs(record.metrics) < MIN_DEFAULT_PAIRS:
+            # No default for this encoder: the newest one is used, but never silently (log and label say so).
+            log.warning("no fusion checkpoint trained on >= %d pairs and no committed default for %s: using %s, "
+                        "trained on %d pairs", MIN_DEFAULT_PAIRS, encoder_id, path, trained_pairs(record.metrics))
+        return path, record
+    raise MethodError(f"no fusion checkpoint registered for encoder {encoder_id}: run `reco train` first "
+                      "(or evaluate with --modes clip)")
+
+
+def default_checkpoint(factory: sessionmaker[Session], encoder_id: str) -> tuple[Path | None, CheckpointRecord | None]:
+    """What a command uses when no checkpoint is named: the newest registered one trained on enough pairs, else
+    the committed default for the encoder, else the newest registered one (small), else none."""
     record = eligible_checkpoint(factory, encoder_id)
     if record is not None and Path(record.path).is_file():
         return Path(record.path), record
     committed = committed_checkpoint_for(encoder_id)
     if committed is not None:
-        return committed, checkpoint_by_sha256(factory, file_sha256(committed))
+        return committed, None
     small = newest_checkpoint(factory, encoder_id)
     if small is not None and Path(small.path).is_file():
-        # No default for this encoder: the newest one is used, but never silently (log and label say so).
-        log.warning("no fusion checkpoint trained on >= %d pairs and no committed default for %s: using %s, "
-                    "trained on %d pairs", MIN_DEFAULT_PAIRS, encoder_id, small.path, trained_pairs(small.metrics))
         return Path(small.path), small
-    raise MethodError(f"no fusion checkpoint registered for encoder {encoder_id}: run `reco train` first "
-                      "(or evaluate with --modes clip)")
+    return None, None
 
 
 def eligible_checkpoint(factory: sessionmaker[Session], encoder_id: str) -> CheckpointRecord | None:
