@@ -44,6 +44,7 @@ class Refinement:
     modality: Modality
     neighbours: list[NeighbourInfo] = field(default_factory=list)
     self_attention: float = 1.0  # attention of the query on itself; the rest went to the neighbours
+    fell_back: bool = False  # the neighbours were too far (top score below the checkpoint's threshold): CLIP kept
 
 
 def memory_version_of(memory: VectorMemory) -> str:
@@ -54,8 +55,16 @@ def memory_version_of(memory: VectorMemory) -> str:
     return f"{name}:{memory.count()}"
 
 
+DEFAULT_SOFTMAX_SCALE = 100.0  # CLIP's fixed logit scale: used when a checkpoint carries no calibrated one
+
+
 class Refiner:
-    """Refines embeddings with one trained fusion model over one memory."""
+    """Refines embeddings with one trained fusion model over one memory.
+
+    ``fallback``: per query modality ("image"/"text"), a similarity threshold chosen on validation: a query
+    whose best neighbour scores below it keeps its CLIP embedding (do no harm where the memory cannot help).
+    ``calibration``: the checkpoint's calibration (fallback thresholds, softmax scale per mode).
+    """
 
     def __init__(
         self,
@@ -67,6 +76,8 @@ class Refiner:
         device: str | torch.device = "cpu",
         filters: Filters | None = None,
         batch_size: int = 1024,
+        fallback: dict[str, float] | None = None,
+        calibration: dict[str, Any] | None = None,
     ) -> None:
         if filters and isinstance(memory, ExactIndex):
             raise ValueError("filter the exact index when building it (ExactIndex.subset), not per query")
@@ -77,10 +88,28 @@ class Refiner:
         self.device = torch.device(device)
         self.filters = filters
         self.batch_size = batch_size
+        self.calibration = dict(calibration or {})
+        if fallback is None:
+            fallback = self.calibration.get("fallback") or None
+        self.fallback = {str(Modality(m).value): float(t) for m, t in (fallback or {}).items()}
 
     @property
     def memory_version(self) -> str:
         return memory_version_of(self.memory)
+
+    def softmax_scale(self, mode: RefineMode | str) -> float:
+        """The logit scale of this checkpoint's probabilities for ``mode`` (chosen on validation), else 100."""
+        scales = self.calibration.get("softmax_scale") or {}
+        return float(scales.get(str(RefineMode(mode).value), DEFAULT_SOFTMAX_SCALE))
+
+    def falls_back(self, scores: np.ndarray, modality: Modality) -> np.ndarray:
+        """(n,) bool: queries whose best neighbour score is below the fallback threshold (none: all False)."""
+        scores = np.atleast_2d(np.asarray(scores, np.float32))
+        threshold = self.fallback.get(str(Modality(modality).value))
+        if threshold is None:
+            return np.zeros(len(scores), bool)
+        top = scores.max(axis=1) if scores.shape[1] else np.full(len(scores), -np.inf, np.float32)
+        return np.asarray(top < threshold)
 
     def with_k(self, k: int | None) -> Refiner:
         """The same model and memory with another k' (a request's own); shares the weights."""
@@ -100,10 +129,12 @@ class Refiner:
     def refine_one(self, vector: np.ndarray, modality: Modality, *, exclude_ids: tuple[str, ...] = ()) -> Refinement:
         vector = np.asarray(vector, np.float32).reshape(-1)
         infos, neighbours = self._neighbours_of_one(vector, modality, exclude_ids)
-        refined, attention = self._fuse(vector[None], neighbours[None], modality)
+        scores = np.asarray([[info.score for info in infos]], np.float32).reshape(1, len(infos))
+        refined, attention = self._fuse(vector[None], neighbours[None], modality, scores=scores)
         for i, info in enumerate(infos):
             info.attention = float(attention[0, 1 + i])
-        return Refinement(refined[0], Modality(modality), infos, float(attention[0, 0]))
+        return Refinement(refined[0], Modality(modality), infos, float(attention[0, 0]),
+                          fell_back=bool(self.falls_back(scores, modality)[0]))
 
     def _neighbours_of_one(
         self, vector: np.ndarray, modality: Modality, exclude_ids: tuple[str, ...]
@@ -140,12 +171,13 @@ class Refiner:
             if isinstance(self.memory, ExactIndex):
                 found = find_neighbours(self.memory, chunk, modality, self.k, self.retrieval)
                 emb, valid = gather_embeddings(self.memory, found.rows, self.retrieval.fused(modality))
+                scores = found.scores
             else:
-                emb, valid = self._online_batch(chunk, modality)
-            out[start: start + len(chunk)] = self._fuse(chunk, emb, modality, valid)[0]
+                emb, valid, scores = self._online_batch(chunk, modality)
+            out[start: start + len(chunk)] = self._fuse(chunk, emb, modality, valid, scores)[0]
         return out
 
-    def _online_batch(self, queries: np.ndarray, modality: Modality) -> tuple[np.ndarray, np.ndarray]:
+    def _online_batch(self, queries: np.ndarray, modality: Modality) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Neighbour embeddings (n, k, d) and mask for many queries: one batch search, one read by id."""
         dedupe = self.retrieval.dedupe_by_image
         fetch = self.k * 5 if dedupe else self.k
@@ -161,6 +193,7 @@ class Refiner:
         dim = queries.shape[1]
         emb = np.zeros((len(queries), self.k, dim), np.float32)
         valid = np.zeros((len(queries), self.k), bool)
+        scores = np.full((len(queries), self.k), -np.inf, np.float32)
         if ids:
             vectors = self.memory.fetch_vectors(ids, self.retrieval.fused(modality))
             row_of = {item_id: n for n, item_id in enumerate(ids)}
@@ -168,17 +201,31 @@ class Refiner:
                 for j, hit in enumerate(hits):
                     emb[q, j] = vectors[row_of[hit.item_id]]
                     valid[q, j] = True
-        return emb, valid
+                    scores[q, j] = hit.score
+        return emb, valid, scores
 
     def _fuse(
-        self, queries: np.ndarray, neighbours: np.ndarray, modality: Modality, valid: np.ndarray | None = None
+        self, queries: np.ndarray, neighbours: np.ndarray, modality: Modality, valid: np.ndarray | None = None,
+        scores: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
+        """Refined embeddings and attention; queries below the fallback threshold keep their CLIP embedding."""
+        if scores is None:  # no scores given: every neighbour counts as a perfect match (no bias, no fallback)
+            scores = np.ones(neighbours.shape[:2], np.float32)
         with torch.inference_mode():
             q = torch.from_numpy(np.ascontiguousarray(queries)).to(self.device)
             nb = torch.from_numpy(np.ascontiguousarray(neighbours)).to(self.device)
             mask = None if valid is None else torch.from_numpy(valid).to(self.device)
-            out = self.model.refine(modality, q, nb, mask)
-        return out.embedding.float().cpu().numpy(), out.attention.float().cpu().numpy()
+            sc = torch.from_numpy(np.ascontiguousarray(scores, np.float32)).to(self.device)
+            out = self.model.refine(modality, q, nb, mask, None, sc)
+        embedding = out.embedding.float().cpu().numpy()
+        attention = out.attention.float().cpu().numpy()
+        back = self.falls_back(scores, modality)
+        if back.any():
+            kept = np.asarray(queries, np.float32)[back]
+            embedding[back] = kept / np.maximum(np.linalg.norm(kept, axis=1, keepdims=True), 1e-12)
+            attention[back] = 0.0
+            attention[back, 0] = 1.0
+        return embedding, attention
 
     def apply_mode(
         self, images: np.ndarray, texts: np.ndarray, mode: RefineMode
@@ -206,6 +253,7 @@ def refiner_from_checkpoint(
     model, meta = load_checkpoint(path, expected_sha256=expected_sha256, device=device)
     if retrieval is None:
         retrieval = RetrievalCfg.from_dict(meta.options.get("retrieval", {}))
+    kwargs.setdefault("calibration", meta.calibration)
     return Refiner(model, memory, k=k, retrieval=retrieval, device=device, **kwargs), meta
 
 

@@ -96,6 +96,49 @@ def resolve_templates(templates: str | Sequence[str] | Path | None) -> tuple[str
     return out
 
 
+def softmax(logits: np.ndarray, scale: float) -> np.ndarray:
+    """Row-wise softmax of ``scale * logits``."""
+    z = scale * (logits - logits.max(axis=-1, keepdims=True))
+    p = np.exp(z)
+    return p / p.sum(axis=-1, keepdims=True)
+
+
+def expected_calibration_error(logits: np.ndarray, labels: np.ndarray, scale: float, bins: int = 15) -> float:
+    """ECE (Guo et al. 2017): |accuracy - confidence| of the top class, weighted over ``bins`` equal-width bins."""
+    probs = softmax(np.asarray(logits, np.float64), scale)
+    conf = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == np.asarray(labels)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            ece += inside.mean() * abs(correct[inside].mean() - conf[inside].mean())
+    return float(ece)
+
+
+SCALE_GRID = tuple(float(s) for s in np.round(np.geomspace(5.0, 400.0, 40), 2))
+
+
+def fit_softmax_scale(parts: Sequence[tuple[np.ndarray, np.ndarray]], grid: Sequence[float] = SCALE_GRID) -> float:
+    """The logit scale of the grid with the lowest negative log-likelihood over every (logits, labels) part
+    (temperature scaling; parts may have different class counts)."""
+    best, best_nll = 100.0, np.inf
+    prepared = [(np.asarray(lg, np.float64) - np.asarray(lg, np.float64).max(axis=1, keepdims=True), np.asarray(lb))
+                for lg, lb in parts if len(lb)]
+    if not prepared:
+        return best
+    for scale in grid:
+        nll = 0.0
+        for centred, labels in prepared:
+            z = scale * centred
+            nll += float(np.sum(np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(z)), labels]))
+        if nll < best_nll:
+            best, best_nll = float(scale), nll
+    return best
+
+
 def _normalise(x: np.ndarray) -> np.ndarray:
     return cast(np.ndarray, (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)).astype(np.float32))
 
@@ -165,7 +208,7 @@ def _save_atomically(folder: Path, key: str, value: np.ndarray) -> None:
 class Prediction:
     labels: list[int]  # top classes, best first
     names: list[str]
-    scores: list[float]  # softmax probabilities at CLIP's logit scale 100
+    scores: list[float]  # softmax probabilities at the checkpoint's calibrated logit scale (CLIP's 100 without)
 
 
 class ZeroShotClassifier:
@@ -180,6 +223,7 @@ class ZeroShotClassifier:
         refiner: Refiner | None = None,
         checkpoint_id: str = "none",
         cache: ClassEmbeddingCache | None = None,
+        clip_softmax_scale: float | None = None,
     ) -> None:
         if not class_names:
             raise ValueError("no class names")
@@ -189,6 +233,13 @@ class ZeroShotClassifier:
         self.refiner = refiner
         self.checkpoint_id = checkpoint_id
         self.cache = cache or ClassEmbeddingCache()
+        self.clip_softmax_scale = clip_softmax_scale
+
+    def softmax_scale(self, mode: RefineMode) -> float:
+        """Logit scale of the probabilities: the checkpoint's, chosen on validation per mode; CLIP's 100 without."""
+        if self.refiner is not None:
+            return self.refiner.softmax_scale(mode)
+        return float(self.clip_softmax_scale or 100.0)
 
     def cache_key(self, refined: bool) -> str:
         return hashlib.sha256(json.dumps(self._key_parts(refined), sort_keys=True).encode()).hexdigest()[:32]
@@ -205,6 +256,8 @@ class ZeroShotClassifier:
             assert self.refiner is not None
             parts.update(checkpoint=self.checkpoint_id, memory=self.refiner.memory_version, k=self.refiner.k,
                          retrieval=self.refiner.retrieval.to_dict())
+            if self.refiner.fallback:
+                parts["fallback"] = self.refiner.fallback
         return parts
 
     def class_embeddings(self, mode: RefineMode = RefineMode.CLIP,
@@ -279,7 +332,7 @@ class ZeroShotClassifier:
 
     def predict(self, image_embedding: np.ndarray, mode: RefineMode = RefineMode.CLIP, top: int = 5) -> Prediction:
         logits = self.logits(image_embedding, mode)[0]
-        probs = np.exp(100.0 * (logits - logits.max()))
+        probs = np.exp(self.softmax_scale(mode) * (logits - logits.max()))
         probs /= probs.sum()
         order = np.argsort(-logits)[:top]
         return Prediction([int(i) for i in order], [self.class_names[i] for i in order],

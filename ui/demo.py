@@ -1,5 +1,5 @@
 """``reco demo``: the offline first run — start ``reco serve`` (the one process that owns the memory),
-ingest the bundled sample through it, load (or train) a fusion checkpoint, show CLIP vs RECO on the
+ingest the bundled sample through it, load the default fusion checkpoint (never trained here), show CLIP vs RECO on the
 sample's held-out images, then start the UI as the server's client.
 
 While the demo runs, every other ``reco`` command (``reco ingest``, ``reco status``, ``reco search``) finds
@@ -19,37 +19,26 @@ from app.cli._common import fail, load_settings, print_json
 from app.config import Settings
 
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "sample" / "clothing10"
-COMMITTED_FUSION_DIR = Path(__file__).resolve().parents[1] / "app" / "fusion" / "checkpoints"
 
 
-def committed_checkpoint_for(encoder_id: str, folder: Path = COMMITTED_FUSION_DIR) -> Path | None:
-    """A fusion checkpoint shipped with the repo for this encoder (checkpoints are tied to an encoder)."""
-    from app.fusion.checkpoint import read_checkpoint
+def _checkpoint(settings: Settings, encoder_id: str) -> tuple[Path | None, str]:
+    """Explicit setting → a registered checkpoint trained on enough pairs → the committed default for the encoder.
 
-    for path in sorted(folder.glob("*.safetensors")):
-        _, meta = read_checkpoint(path)
-        if meta.encoder_id == encoder_id:
-            return path
-    return None
+    The demo never trains a fusion on its own memory: the memory is swapped in under a fusion trained on the
+    generic memory (Flickr8k train), as the paper intends. None: the encoder has no default (CLIP only).
+    """
+    from app.services.method_common import MethodError, resolve_checkpoint, session_factory_for
 
-
-def _checkpoint(settings: Settings, encoder_id: str, sample_dataset: str, progress: bool) -> tuple[Path, str]:
-    """Explicit setting → newest registered → committed → trained now on the sample's memory."""
-    from app.db.runs import newest_checkpoint
-    from app.services.method_common import session_factory_for
-    from app.services.train import TrainRequest, run_training
-
+    try:
+        path, record = resolve_checkpoint(settings, encoder_id, None, session_factory_for(settings))
+    except MethodError:
+        return None, "none for this encoder: CLIP only"
     if settings.fusion_checkpoint:
-        return Path(settings.fusion_checkpoint), "configured"
-    record = newest_checkpoint(session_factory_for(settings), encoder_id)
-    if record is not None and Path(record.path).is_file():
-        return Path(record.path), "registered"
+        return path, "configured"
+    from app.fusion.checkpoint import committed_checkpoint_for
+
     committed = committed_checkpoint_for(encoder_id)
-    if committed is not None:
-        return committed, "committed"
-    report = run_training(settings, TrainRequest(dataset=sample_dataset, split="train", epochs=20, batch_size=256,
-                                                 warmup_steps=10, progress=progress))
-    return Path(report.checkpoint), "trained on the sample memory"
+    return path, "committed default" if committed is not None and path.resolve() == committed.resolve() else "registered"
 
 
 def run_demo(settings: Settings, *, sample: Path = SAMPLE_DIR, progress: bool = True) -> dict[str, Any]:
@@ -64,13 +53,15 @@ def run_demo(settings: Settings, *, sample: Path = SAMPLE_DIR, progress: bool = 
     encoder = create_encoder(settings)
     manifest = sample / "manifest.csv"
     ingest = ingest_source(manifest, settings, split="train", progress=progress)
-    checkpoint, origin = _checkpoint(settings, encoder.encoder_id, sample.name, progress)
-    report = run_evaluation(settings, EvalRequest(dataset=str(manifest), split="val", checkpoint=checkpoint,
-                                                  progress=progress), encoder=encoder)
+    checkpoint, origin = _checkpoint(settings, encoder.encoder_id)
+    modes = None if checkpoint is not None else ["clip"]
+    request = EvalRequest(dataset=str(manifest), split="val", checkpoint=checkpoint, progress=progress,
+                          **({"modes": modes} if modes else {}))
+    report = run_evaluation(settings, request, encoder=encoder)
     return {
         "encoder": encoder.describe() if hasattr(encoder, "describe") else {"encoder_id": encoder.encoder_id},
         "ingest": {k: ingest[k] for k in ("job_id", "seen", "ingested", "duplicates", "failed")},
-        "checkpoint": {"path": str(checkpoint), "origin": origin},
+        "checkpoint": {"path": str(checkpoint) if checkpoint else None, "origin": origin},
         "evaluation": report.to_json_dict(),
         "seconds": round(time.perf_counter() - started, 1),
     }

@@ -40,6 +40,9 @@ class CheckpointMeta:
     metrics: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)  # training options and retrieval switches
     format_version: int = FORMAT_VERSION
+    # Chosen on validation after training (issue 16): {"fallback": {"image": tau, "text": tau} | None,
+    # "softmax_scale": {"clip": s, "image": s, "text": s, "both": s}, "validation": what it was chosen on}.
+    calibration: dict[str, Any] = field(default_factory=dict)
 
     @property
     def fusion_cfg(self) -> FusionCfg:
@@ -116,3 +119,36 @@ def load_checkpoint(
     except (RuntimeError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{path} does not fit its own config: {exc}") from exc
     return model.to(device).eval(), meta
+
+
+# --- the committed default checkpoints (issue 16) -------------------------------------------------------
+COMMITTED_DIR = Path(__file__).with_name("checkpoints")
+# A checkpoint trained on fewer pairs than this is never picked up silently as an encoder's default (the
+# clothing-sample fusion the demo used to train had 800 pairs and cut Flickr8k R@1 from 13.2 % to 1.9 %).
+MIN_DEFAULT_PAIRS = 5000
+
+
+def trained_pairs(metrics: dict[str, Any]) -> int:
+    """How many pairs a checkpoint was trained on (0 when its metrics do not say)."""
+    try:
+        return int(metrics.get("pairs") or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _encoder_of(path: Path) -> str | None:
+    """The encoder id in a checkpoint's header (the tensors are not read)."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            header = fh.metadata() or {}
+        return str(json.loads(header[META_KEY]).get("encoder_id"))
+    except (SafetensorError, OSError, ValueError, KeyError):
+        return None
+
+
+def committed_checkpoint_for(encoder_id: str, folder: Path = COMMITTED_DIR) -> Path | None:
+    """The default fusion checkpoint shipped with the repo for this encoder (checkpoints are tied to an encoder)."""
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        if _encoder_of(path) == encoder_id:
+            return path
+    return None

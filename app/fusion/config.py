@@ -23,6 +23,9 @@ class FusionCfg:
     mlp_dim: int | None = None  # hidden width of the MLP; null = dim (MLP ratio 1 gives the paper's 1.58M at d=512)
     dropout: float = 0.0
     gated: bool = False  # output = mean + tanh(g) * (transformer - mean), g = 0 at init: starts as mean fusion
+    # The neighbours' search similarities to the query as an attention bias (per head: w * score + c, both 0 at
+    # init), so the fusion can learn to trust close neighbours fully and unrelated ones not at all (issue 16).
+    score_bias: bool = False
 
     def with_dim(self, dim: int) -> FusionCfg:
         if self.dim is not None and self.dim != dim:

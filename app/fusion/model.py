@@ -55,6 +55,7 @@ class MeanFusion(nn.Module):
         neighbours: torch.Tensor,
         valid: torch.Tensor | None = None,
         drop_query: torch.Tensor | None = None,
+        scores: torch.Tensor | None = None,
     ) -> FusionOutput:
         seq = _sequence(query, neighbours, drop_query)
         mean, weights = _masked_mean(seq, _valid_mask(neighbours, valid))
@@ -76,6 +77,19 @@ class FusionModule(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(hidden, dim))
         self.drop = nn.Dropout(cfg.dropout)
         self.gate = nn.Parameter(torch.zeros(())) if cfg.gated else None
+        self.heads = cfg.heads
+        # attention bias on neighbour j, per head: score_weight * s_j + score_offset (0 at init: the paper's layer)
+        self.score_weight = nn.Parameter(torch.zeros(cfg.heads)) if cfg.score_bias else None
+        self.score_offset = nn.Parameter(torch.zeros(cfg.heads)) if cfg.score_bias else None
+
+    def _score_mask(self, mask: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Float attention mask (B * heads, 1, 1 + k): the score bias, -inf on missing neighbours."""
+        assert self.score_weight is not None and self.score_offset is not None
+        s = torch.where(mask[:, 1:], scores.to(self.score_weight.dtype), torch.zeros_like(scores))
+        bias = self.score_weight[None, :, None] * s[:, None, :] + self.score_offset[None, :, None]  # (B, h, k)
+        bias = torch.cat([torch.zeros_like(bias[..., :1]), bias], dim=-1)
+        bias = bias.masked_fill(~mask[:, None, :], float("-inf"))
+        return bias.reshape(-1, 1, bias.shape[-1])
 
     def forward(
         self,
@@ -83,13 +97,20 @@ class FusionModule(nn.Module):
         neighbours: torch.Tensor,
         valid: torch.Tensor | None = None,
         drop_query: torch.Tensor | None = None,
+        scores: torch.Tensor | None = None,
     ) -> FusionOutput:
         seq = _sequence(query, neighbours, drop_query)
         mask = _valid_mask(neighbours, valid)
         x = self.norm_attn(seq)
-        attended, weights = self.attn(
-            x[:, :1], x, x, key_padding_mask=~mask, need_weights=True, average_attn_weights=True
-        )
+        if self.score_weight is not None:
+            if scores is None:
+                raise ValueError("this fusion takes the neighbours' search scores (score_bias); pass scores")
+            attended, weights = self.attn(x[:, :1], x, x, attn_mask=self._score_mask(mask, scores),
+                                          need_weights=True, average_attn_weights=True)
+        else:
+            attended, weights = self.attn(
+                x[:, :1], x, x, key_padding_mask=~mask, need_weights=True, average_attn_weights=True
+            )
         hidden = seq[:, 0] + self.drop(attended[:, 0])
         hidden = hidden + self.drop(self.mlp(self.norm_mlp(hidden)))
         if self.gate is not None:
@@ -128,8 +149,10 @@ class RecoFusion(nn.Module):
         neighbours: torch.Tensor,
         valid: torch.Tensor | None = None,
         drop_query: torch.Tensor | None = None,
+        scores: torch.Tensor | None = None,
     ) -> FusionOutput:
-        out: FusionOutput = self.branch(modality)(query, neighbours, valid, drop_query)
+        """``scores``: (B, k) search similarities of the neighbours (used by ``score_bias`` fusions)."""
+        out: FusionOutput = self.branch(modality)(query, neighbours, valid, drop_query, scores)
         return out
 
     def scale(self) -> torch.Tensor:

@@ -49,6 +49,7 @@ class TrainOptions:
     seed: int = 0
     query_dropout: float = 0.0  # probability of hiding the query token from the fusion during training
     gated_init: bool = False  # start every fusion module at mean fusion (learned gate, initialised to 0)
+    score_bias: bool = False  # the neighbours' search similarities as an attention bias (FusionCfg.score_bias)
     # What a training query may not retrieve: its own pair ("pair"), every row of its image ("image", the
     # default: exact duplicates), or also memory images whose image cosine with it exceeds
     # ``near_duplicate_threshold`` ("near-duplicates"; the paper does this for test images only).
@@ -169,7 +170,9 @@ class _Batches:
         v_nb, v_valid = gather_embeddings(self.index, self.image_nb.rows[batch], self.cfg.fused(Modality.IMAGE))
         t_nb, t_valid = gather_embeddings(self.index, self.text_nb.rows[batch], self.cfg.fused(Modality.TEXT))
         return {"v": tensor(self.pairs.image[batch]), "t": tensor(self.pairs.text[batch]),
-                "v_nb": tensor(v_nb), "v_valid": tensor(v_valid), "t_nb": tensor(t_nb), "t_valid": tensor(t_valid)}
+                "v_nb": tensor(v_nb), "v_valid": tensor(v_valid), "t_nb": tensor(t_nb), "t_valid": tensor(t_valid),
+                "v_scores": tensor(self.image_nb.scores[batch].astype(np.float32)),
+                "t_scores": tensor(self.text_nb.scores[batch].astype(np.float32))}
 
 
 def _step_loss(model: RecoFusion, b: dict[str, torch.Tensor], options: TrainOptions,
@@ -178,8 +181,8 @@ def _step_loss(model: RecoFusion, b: dict[str, torch.Tensor], options: TrainOpti
     if options.query_dropout > 0:
         draws = torch.rand(2, len(b["v"]), generator=gen).to(b["v"].device)
         drop_v, drop_t = draws[0] < options.query_dropout, draws[1] < options.query_dropout
-    v_bar = model.refine(Modality.IMAGE, b["v"], b["v_nb"], b["v_valid"], drop_v).embedding
-    t_bar = model.refine(Modality.TEXT, b["t"], b["t_nb"], b["t_valid"], drop_t).embedding
+    v_bar = model.refine(Modality.IMAGE, b["v"], b["v_nb"], b["v_valid"], drop_v, b["v_scores"]).embedding
+    t_bar = model.refine(Modality.TEXT, b["t"], b["t_nb"], b["t_valid"], drop_t, b["t_scores"]).embedding
     return reco_loss(b["v"], b["t"], v_bar, t_bar, model.scale())
 
 
@@ -250,7 +253,8 @@ def train_fusion(
         raise ValueError("training needs at least two pairs (a contrastive batch needs negatives)")
     started = time.perf_counter()
     device = torch.device(options.device)
-    cfg = replace(fusion_cfg, gated=True) if options.gated_init else fusion_cfg
+    cfg = replace(fusion_cfg, gated=fusion_cfg.gated or options.gated_init,
+                  score_bias=fusion_cfg.score_bias or options.score_bias)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(options.seed)
         model = RecoFusion(cfg, index.dim).to(device)

@@ -146,3 +146,61 @@ def held_out(files: Sequence[str], fraction_denominator: int, salt: str) -> np.n
     """
     return np.asarray([int(hashlib.sha1(f"{salt}:{Path(f).name}".encode()).hexdigest(), 16) % fraction_denominator
                        == 0 for f in files], bool)
+
+
+# --- strongly augmented views: queries the base has not memorised (issue 16, lever a) -------------------
+AUGMENT_VERSION = "strong-v1"
+
+
+def strong_augment():  # noqa: ANN201 - a torchvision transform (random state: torch's global generator)
+    """Stronger than the base's own training augmentation (scale 0.4-1, jitter 0.3): random resized crop
+    to 15-50 % of the area, colour jitter 0.5, blur, grayscale 0.2, flip."""
+    from torchvision import transforms as T
+
+    return T.Compose([
+        T.RandomResizedCrop(160, scale=(0.15, 0.5), ratio=(0.75, 4 / 3)),
+        T.RandomHorizontalFlip(),
+        T.ColorJitter(brightness=0.5, contrast=0.5, saturation=0.5, hue=0.1),
+        T.RandomGrayscale(p=0.2),
+        T.GaussianBlur(kernel_size=9, sigma=(0.5, 2.5)),
+    ])
+
+
+def encode_augmented_views(
+    encoder: Encoder, dataset_dir: Path, data: EncodedSet, images: np.ndarray, cache_dir: Path, *,
+    views: int = 1, seed: int = 0, limit: int | None = None, progress: bool = True,
+) -> np.ndarray:
+    """(views, len(images), d) embeddings of strongly augmented views of the given image rows, cached.
+
+    The memory keeps the clean embeddings; the fusion is trained with these as image queries, which the
+    frozen base has not seen in this form (its R@1 on them is reported next to clean train and test).
+    """
+    import torch
+
+    dataset_dir = Path(dataset_dir)
+    manifest = dataset_dir / "manifest.csv"
+    stat = manifest.stat()
+    key = fingerprint(encoder.encoder_id, manifest.resolve(), stat.st_size, stat.st_mtime_ns, limit,
+                      AUGMENT_VERSION, views, seed, len(images), hashlib.sha1(np.asarray(images).tobytes()).hexdigest())
+    target = Path(cache_dir) / safe_name(encoder.encoder_id) / f"{dataset_dir.name}-aug-{key}.npy"
+    if target.is_file():
+        return np.load(target, allow_pickle=False)
+    out = np.empty((views, len(images), encoder.dim), np.float32)
+    root = dataset_dir.resolve()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transform = strong_augment()
+        for view in range(views):
+            for start in tqdm(range(0, len(images), IMAGE_BATCH), desc=f"{dataset_dir.name} augmented view {view}",
+                              unit="batch", disable=not progress):
+                chunk = images[start: start + IMAGE_BATCH]
+                batch = [transform(load_image(root / data.image_files[i])) for i in chunk]
+                emb = encoder.encode_images(batch)
+                out[view, start: start + len(chunk)] = emb / np.maximum(
+                    np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial.npy")
+    with partial.open("wb") as fh:
+        np.save(fh, out)
+    partial.replace(target)
+    return out

@@ -16,7 +16,10 @@ DOMAIN_SETS = ("cub100", "flowers12", "imagenette")  # their captioned train row
 DOMAIN_HINTS = {"cub100": "bird", "flowers12": "flower"}
 GENERIC = "generic"
 GENERIC_DOMAIN = "generic+domain"
+MISMATCHED = "mismatched"  # each domain set with generic + the *other* domains' pairs (its own classes absent)
 MEMORIES = (GENERIC, GENERIC_DOMAIN)
+ALL_MEMORIES = (GENERIC, GENERIC_DOMAIN, MISMATCHED)
+PAPER = "paper"
 
 VariantKind = Literal["trained", "mean", "knn"]
 
@@ -42,37 +45,66 @@ class Variant(BaseModel):
     train_pairs: Literal["flickr8k-train", "flickr8k-val-half"] = "flickr8k-train"  # val-half: unseen by the base
     caption_like_prompts: bool = False  # class prompts: the ensemble plus templates worded like memory captions
     reuse: str | None = None  # evaluation-only variant: the fusion of this variant, evaluated differently
+    # issue 16 levers
+    augmented_queries: bool = False  # image queries: the base's embeddings of strongly augmented training views
+    score_bias: bool = False  # neighbours' search similarities as an attention bias
+    fallback: bool = False  # keep CLIP when the top neighbour is below a threshold chosen on validation
+    candidate: bool = True  # may be chosen as the project's default recipe (trained variants only)
 
     def train_key(self) -> str:
         """Variants with the same key share one trained fusion."""
         return self.reuse or self.name
 
 
+def _levers(name: str, description: str, **levers: Any) -> list[Variant]:
+    """A trained lever combination and the same fusion with the validation-chosen fallback toward CLIP."""
+    return [Variant(name=name, group="levers", description=description, **levers),
+            Variant(name=f"{name}+fallback", group="levers", reuse=name, fallback=True,
+                    description=f"{name}, CLIP kept where the top neighbour is below a validation threshold")]
+
+
 def default_variants() -> list[Variant]:
+    """What a plain ``reco reproduce`` runs (fits the time budget): the paper recipe, the training-free
+    baselines, the search x fusion ablation and the issue-16 levers, each with and without."""
     return [
-        Variant(name="paper", group="main", description="paper recipe: uni-modal search, cross-modal fusion, k=10",
-                k_infer=(20,)),
-        Variant(name="mean-fusion", group="ablation", kind="mean",
+        Variant(name=PAPER, group="main", description="paper recipe: uni-modal search, cross-modal fusion, k=10"),
+        Variant(name="paper+fallback", group="levers", reuse=PAPER, fallback=True,
+                description="paper recipe, CLIP kept where the top neighbour is below a validation threshold"),
+        Variant(name="mean-fusion", group="ablation", kind="mean", candidate=False,
                 description="mean of the query and its neighbours (no training)"),
-        Variant(name="knn-vote", group="ablation", kind="knn",
+        Variant(name="knn-vote", group="ablation", kind="knn", candidate=False,
                 description="majority vote of the neighbours' captions over the class prompts (image side)"),
-        Variant(name="search-cross/fusion-cross", group="ablation", search="cross", fusion="cross",
+        Variant(name="search-cross/fusion-cross", group="ablation", search="cross", fusion="cross", candidate=False,
                 description="cross-modal search, cross-modal fusion"),
-        Variant(name="search-uni/fusion-uni", group="ablation", search="uni", fusion="uni",
+        Variant(name="search-uni/fusion-uni", group="ablation", search="uni", fusion="uni", candidate=False,
                 description="uni-modal search, uni-modal fusion"),
-        Variant(name="search-cross/fusion-uni", group="ablation", search="cross", fusion="uni",
+        Variant(name="search-cross/fusion-uni", group="ablation", search="cross", fusion="uni", candidate=False,
                 description="cross-modal search, uni-modal fusion"),
-        Variant(name="k=1", group="k", k=1, k_infer=(10,), description="trained with k=1"),
-        Variant(name="k=5", group="k", k=5, k_infer=(10,), description="trained with k=5"),
-        Variant(name="k=20", group="k", k=20, k_infer=(30,), description="trained with k=20"),
+        *_levers("aug", "image queries from strongly augmented views (memory keeps clean embeddings)",
+                 augmented_queries=True),
+        *_levers("score-bias", "neighbours' search similarities as an attention bias", score_bias=True),
+        *_levers("gated+query-dropout", "initialised at mean fusion (learned gate) + query dropout 0.5",
+                 gated_init=True, query_dropout=0.5),
+        *_levers("all-levers", "augmented queries + similarity bias + gate at mean fusion + query dropout",
+                 augmented_queries=True, score_bias=True, gated_init=True, query_dropout=0.5),
+    ]
+
+
+def extended_variants() -> list[Variant]:
+    """Issue 5's variants (k, dedupe, exclusion, extra pairs): run by naming them with ``--variants``."""
+    return [
+        *_levers("aug+score-bias", "augmented queries + similarity bias", augmented_queries=True, score_bias=True),
+        *_levers("aug+gated+query-dropout", "augmented queries + gate at mean fusion + query dropout",
+                 augmented_queries=True, gated_init=True, query_dropout=0.5),
+        Variant(name="k=1", group="k", k=1, k_infer=(10,), description="trained with k=1", candidate=False),
+        Variant(name="k=5", group="k", k=5, k_infer=(10,), description="trained with k=5", candidate=False),
+        Variant(name="k=20", group="k", k=20, k_infer=(30,), description="trained with k=20", candidate=False),
         Variant(name="no-dedupe", group="options", dedupe_by_image=False,
                 description="neighbours NOT deduplicated by image (k rows may be one image's five captions)"),
         Variant(name="query-dropout", group="options", query_dropout=0.5,
                 description="query hidden from the fusion for half of the training queries"),
         Variant(name="gated", group="options", gated_init=True,
                 description="fusion initialised at mean fusion (learned gate, 0 at start)"),
-        Variant(name="gated+query-dropout", group="options", gated_init=True, query_dropout=0.5,
-                description="both of the above"),
         Variant(name="clothing10-pairs", group="options", extra_pairs=("clothing10",),
                 description="class-captioned generic pairs (clothing10 train, never evaluated) added to training"),
         Variant(name="unseen-pairs", group="options", train_pairs="flickr8k-val-half",
@@ -114,8 +146,13 @@ class ReproPlan(BaseModel):
         values.update(overrides)
         return cls(**values)
 
+    augmented_views: int = 1  # strongly augmented views per Flickr8k train image (lever a)
+    default_seeds_for: list[str] = Field(default_factory=list, description="Variants run with every main seed "
+                                         "besides the paper recipe (the runner adds the chosen default).")
+
     def seeds_of(self, variant: Variant) -> list[int]:
-        if variant.name == "paper":
+        if variant.name == PAPER or variant.name in self.default_seeds_for or (
+                variant.reuse is not None and variant.reuse in (PAPER, *self.default_seeds_for)):
             return sorted(set(self.seeds) | set(self.ablation_seeds))
         return list(self.ablation_seeds)
 

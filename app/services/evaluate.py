@@ -171,7 +171,7 @@ def _refiner(
     if meta.encoder_id != encoder_id:
         raise MethodError(f"checkpoint {path} was trained for {meta.encoder_id}, the encoder is {encoder_id}")
     retrieval = _retrieval_cfg(settings, request, RetrievalCfg.from_dict(meta.options.get("retrieval", {})))
-    refiner = Refiner(model, index, k=k, retrieval=retrieval, device=device)
+    refiner = Refiner(model, index, k=k, retrieval=retrieval, device=device, calibration=meta.calibration)
     return refiner, checkpoint_label(path, record), record.id if record else None
 
 

@@ -25,6 +25,7 @@ from app.db.session import make_session_factory, upgrade_database
 from app.encoder.openclip import collection_name_for
 from app.encoder.weights import file_sha256
 from app.errors import UsageError
+from app.fusion.checkpoint import MIN_DEFAULT_PAIRS, committed_checkpoint_for, trained_pairs
 from app.memory.base import Filters, ItemPayload, MemoryMatrices, VectorMemory
 from app.memory.exact import ExactIndex
 from app.memory.store import open_store
@@ -110,15 +111,55 @@ def resolve_checkpoint(
             raise CheckpointNotFound(f"fusion checkpoint not found: {path}: give an existing file "
                                      "(--checkpoint or RECO_FUSION_CHECKPOINT), or leave it empty for the newest")
         return path, checkpoint_by_sha256(factory, file_sha256(path))
-    record = newest_checkpoint(factory, encoder_id)
-    if record is None:
-        raise MethodError(f"no fusion checkpoint registered for encoder {encoder_id}: run `reco train` first "
-                          "(or evaluate with --modes clip)")
-    return Path(record.path), record
+    path, record = default_checkpoint(factory, encoder_id)
+    if path is not None:
+        if record is None:  # the committed default: registered only if someone registered that file
+            record = checkpoint_by_sha256(factory, file_sha256(path))
+        elif trained_pairs(record.metrics) < MIN_DEFAULT_PAIRS:
+            # No default for this encoder: the newest one is used, but never silently (log and label say so).
+            log.warning("no fusion checkpoint trained on >= %d pairs and no committed default for %s: using %s, "
+                        "trained on %d pairs", MIN_DEFAULT_PAIRS, encoder_id, path, trained_pairs(record.metrics))
+        return path, record
+    raise MethodError(f"no fusion checkpoint registered for encoder {encoder_id}: run `reco train` first "
+                      "(or evaluate with --modes clip)")
+
+
+def default_checkpoint(factory: sessionmaker[Session], encoder_id: str) -> tuple[Path | None, CheckpointRecord | None]:
+    """What a command uses when no checkpoint is named: the newest registered one trained on enough pairs, else
+    the committed default for the encoder, else the newest registered one (small), else none."""
+    record = eligible_checkpoint(factory, encoder_id)
+    if record is not None and Path(record.path).is_file():
+        return Path(record.path), record
+    committed = committed_checkpoint_for(encoder_id)
+    if committed is not None:
+        return committed, None
+    small = newest_checkpoint(factory, encoder_id)
+    if small is not None and Path(small.path).is_file():
+        return Path(small.path), small
+    return None, None
+
+
+def eligible_checkpoint(factory: sessionmaker[Session], encoder_id: str) -> CheckpointRecord | None:
+    """The newest registered checkpoint for ``encoder_id`` trained on at least ``MIN_DEFAULT_PAIRS`` pairs."""
+    from sqlalchemy import select
+
+    from app.db.models import FusionCheckpoint
+    from app.db.session import session_scope
+
+    with session_scope(factory) as session:
+        rows = session.scalars(select(FusionCheckpoint).where(FusionCheckpoint.encoder_id == encoder_id)
+                               .order_by(FusionCheckpoint.created_at.desc(), FusionCheckpoint.id.desc())).all()
+        for row in rows:
+            if trained_pairs(dict(row.metrics or {})) >= MIN_DEFAULT_PAIRS:
+                return CheckpointRecord.of(row)
+    return None
 
 
 def checkpoint_label(path: Path, record: CheckpointRecord | None) -> str:
-    return f"{record.id}:{path.name}" if record else str(path)
+    label = f"{record.id}:{path.name}" if record else str(path)
+    if record is not None and trained_pairs(record.metrics) < MIN_DEFAULT_PAIRS:
+        label += f" (small: trained on {trained_pairs(record.metrics)} pairs)"
+    return label
 
 
 def describe_filters(filters: dict[str, Any] | None) -> str:

@@ -63,6 +63,8 @@ class PredictResponse(BaseModel):
     predictions: list[ClassScore]
     neighbours: list[NeighbourOut] = []
     self_attention: float | None = None
+    fell_back: bool = False  # the memory's neighbours were too far: RECO kept the CLIP embedding of the image
+    softmax_scale: float = 100.0  # logit scale of the probabilities (calibrated on validation with the checkpoint)
 
 
 _caches: dict[Path, ClassEmbeddingCache] = {}
@@ -130,15 +132,18 @@ def predict_image(
             memory = memory or memory_for_encoder(settings, encoder.encoder_id)
             loaded, checkpoint = _load_refiner(settings, request, encoder.encoder_id, memory, session_factory)
     refiner_obj = loaded
+    # CLIP's probabilities: the scale calibrated with the loaded checkpoint when the caller has one, else 100.
+    clip_scale = refiner[0].softmax_scale(RefineMode.CLIP) if refiner is not None else None
     classifier = ZeroShotClassifier(request.classes, encoder, templates=request.templates, refiner=refiner_obj,
-                                    checkpoint_id=checkpoint or "none", cache=_cache(settings))
+                                    checkpoint_id=checkpoint or "none", cache=_cache(settings),
+                                    clip_softmax_scale=clip_scale)
     v = encoder.encode_images([image])[0] if image_vector is None else np.asarray(image_vector, np.float32)
     refinement: Refinement | None = None
     if refiner_obj is not None and request.mode in (RefineMode.IMAGE, RefineMode.BOTH):
         refinement = refiner_obj.refine_image(v)
         v = refinement.vector
     logits = classifier.class_embeddings(request.mode) @ v
-    probs = np.exp(100.0 * (logits - logits.max()))
+    probs = np.exp(classifier.softmax_scale(request.mode) * (logits - logits.max()))
     probs /= probs.sum()
     order = np.argsort(-logits)[: request.top]
     return PredictResponse(
@@ -147,4 +152,6 @@ def predict_image(
         neighbours=[NeighbourOut(item_id=n.item_id, score=n.score, attention=n.attention, caption=n.caption)
                     for n in (refinement.neighbours if refinement else [])],
         self_attention=refinement.self_attention if refinement else None,
+        fell_back=bool(refinement.fell_back) if refinement else False,
+        softmax_scale=classifier.softmax_scale(request.mode),
     )

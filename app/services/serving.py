@@ -367,13 +367,13 @@ class ServingService:
         if live.memory is None:
             live.refiner, live.refiner_error = None, "the memory is empty: ingest something first"
             return
-        from app.db.runs import newest_checkpoint
+        from app.services.method_common import default_checkpoint
 
         encoder_id = live.encoder.encoder_id
-        if not self.settings.fusion_checkpoint:
-            record = newest_checkpoint(self.repo.session_factory, encoder_id)
-            wanted = record.id if record else None
-            if live.refiner is not None and live.checkpoint_id == wanted:
+        if not self.settings.fusion_checkpoint:  # a registered one (enough pairs) wins over the committed default
+            wanted_path, _ = default_checkpoint(self.repo.session_factory, encoder_id)
+            wanted = str(wanted_path) if wanted_path else None
+            if live.refiner is not None and live.checkpoint_path == wanted:
                 return
             if live.refiner is None and live.refiner_error is not None and wanted is None:
                 return  # still none registered: nothing to load

@@ -55,6 +55,7 @@ class TrainRequest(BaseModel):
     seed: int | None = None
     query_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     gated_init: bool = False
+    score_bias: bool = False  # neighbours' search similarities as an attention bias (issue 16)
     search_modality: Literal["uni", "cross"] | None = None
     fusion_modality: Literal["cross", "uni"] | None = None
     dedupe: bool | None = None
@@ -83,7 +84,7 @@ def _retrieval(settings: Settings, request: TrainRequest) -> RetrievalCfg:
 def _options(settings: Settings, request: TrainRequest, base: TrainOptions | None = None) -> TrainOptions:
     overrides = {name: getattr(request, name) for name in
                  ("k", "lr", "weight_decay", "batch_size", "epochs", "warmup_steps", "seed")}
-    overrides.update(query_dropout=request.query_dropout, gated_init=request.gated_init,
+    overrides.update(query_dropout=request.query_dropout, gated_init=request.gated_init, score_bias=request.score_bias,
                      retrieval=_retrieval(settings, request), progress=request.progress,
                      device=resolve_device(settings))
     if base is None:

@@ -21,7 +21,7 @@ from app.memory.exact import ExactIndex
 from app.reproduce.aggregate import aggregate, choose_modes, with_best_rows
 from app.reproduce.data import EncodedSet, held_out
 from app.reproduce.memory import EvalImages, MemoryRows, clean_memory
-from app.reproduce.plan import MEMORIES, ReproPlan, default_variants
+from app.reproduce.plan import ALL_MEMORIES, ReproPlan, default_variants, extended_variants
 from app.reproduce.report import REQUIRED_KEYS, build_results, render_from_json, write_report
 from app.reproduce.runner import NeighbourCache, knn_vote_logits, prepare, run_plan, train_variant
 from app.retrieval import RetrievalCfg
@@ -211,9 +211,17 @@ def world() -> tuple[dict[str, EncodedSet], FakeTextEncoder]:
 
 def _plan(**overrides: object) -> ReproPlan:
     values: dict[str, object] = {"seeds": [0, 1], "ablation_seeds": [0], "epochs": 1, "batch_size": 64,
-                                 "warmup_steps": 1, "threads": 1}
+                                 "warmup_steps": 1, "threads": 1,
+                                 "variants": [*default_variants(), *extended_variants()]}
     values.update(overrides)
     return ReproPlan(**values)  # type: ignore[arg-type]
+
+
+def _views(sets: dict[str, EncodedSet], noise: float = 0.5) -> np.ndarray:
+    """One "augmented view" per Flickr8k train image: its embedding plus noise (what a strong crop does)."""
+    g = sets["flickr8k"]
+    clean = g.image_emb[g.images_of("train")]
+    return _unit(clean + noise * np.random.default_rng(3).standard_normal(clean.shape))[None]
 
 
 def test_held_out_is_deterministic_and_about_one_in_n() -> None:
@@ -227,7 +235,7 @@ def test_held_out_is_deterministic_and_about_one_in_n() -> None:
 
 def test_prepare_builds_both_memories_and_keeps_validation_out(world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     sets, enc = world
-    ws = prepare(enc, tmp_path, tmp_path, _plan(), datasets=sets, progress=False)  # type: ignore[arg-type]
+    ws = prepare(enc, tmp_path, tmp_path, _plan(), datasets=sets, progress=False, augmented=_views(sets))  # type: ignore[arg-type]
     generic, full = ws.memories["generic"].index, ws.memories["generic+domain"].index
     assert len(generic) == 80 * 5 and len(full) > len(generic)  # synthetic images: no near-duplicates
     val_sets = {z.dataset for z in ws.zero_shot if z.split == "val"}
@@ -245,7 +253,7 @@ def test_prepare_builds_both_memories_and_keeps_validation_out(world, tmp_path: 
 def test_training_options_reach_the_trained_model(world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     sets, enc = world
     plan = _plan()
-    ws = prepare(enc, tmp_path, tmp_path, plan, datasets=sets, progress=False)  # type: ignore[arg-type]
+    ws = prepare(enc, tmp_path, tmp_path, plan, datasets=sets, progress=False, augmented=_views(sets))  # type: ignore[arg-type]
     model, metrics = train_variant(ws, plan, plan.variant("gated"), 0)
     assert getattr(model.image, "gate", None) is not None and len(metrics["gate_tanh"]) == 2
     model, metrics = train_variant(ws, plan, plan.variant("paper"), 0)
@@ -254,7 +262,7 @@ def test_training_options_reach_the_trained_model(world, tmp_path: Path) -> None
     assert metrics["pairs"] == 400 + 20 and metrics["memory_size"] == len(ws.memories["generic"].index) + 20
     _, metrics = train_variant(ws, plan, plan.variant("k=5"), 0)
     assert metrics["pairs"] == 400
-    assert any(key[2] == 5 for key in ws.training_neighbours)  # k reached the neighbour search
+    assert any(key[3] == 5 for key in ws.training_neighbours)  # k reached the neighbour search
     _, metrics = train_variant(ws, plan, plan.variant("unseen-pairs"), 0)
     unseen_pairs = len(ws.extra_pairs["flickr8k-val-half"][0])
     assert 0 < unseen_pairs < 12 * 5 and metrics["pairs"] == unseen_pairs  # half of val, never in the memory
@@ -266,7 +274,7 @@ def test_training_options_reach_the_trained_model(world, tmp_path: Path) -> None
 
 def test_knn_vote_follows_the_neighbours_captions(world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     sets, enc = world
-    ws = prepare(enc, tmp_path, tmp_path, _plan(), datasets=sets, progress=False)  # type: ignore[arg-type]
+    ws = prepare(enc, tmp_path, tmp_path, _plan(), datasets=sets, progress=False, augmented=_views(sets))  # type: ignore[arg-type]
     index = ws.memories["generic+domain"].index
     test = next(z for z in ws.zero_shot if z.dataset == "cub100" and z.split == "test")
     class_emb = enc.centres["all"]
@@ -283,42 +291,85 @@ def test_knn_vote_follows_the_neighbours_captions(world, tmp_path: Path) -> None
 
 def test_a_small_plan_writes_the_documented_schema(world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     sets, enc = world
-    names = {"paper", "mean-fusion", "knn-vote", "k=5", "gated", "caption-like-prompts", "exclude-pair"}
-    plan = _plan(variants=[v for v in default_variants() if v.name in names])
-    ws = prepare(enc, tmp_path, tmp_path, plan, datasets=sets, progress=False)  # type: ignore[arg-type]
+    names = {"paper", "paper+fallback", "mean-fusion", "knn-vote", "k=5", "aug", "score-bias", "score-bias+fallback",
+             "caption-like-prompts", "exclude-pair", "search-cross/fusion-cross"}
+    plan = _plan(variants=[v for v in (*default_variants(), *extended_variants()) if v.name in names])
+    ws = prepare(enc, tmp_path, tmp_path, plan, datasets=sets, progress=False, augmented=_views(sets))  # type: ignore[arg-type]
     output = run_plan(ws, plan, enc, progress=False)  # type: ignore[arg-type]
-    meta = {"encoder_id": enc.encoder_id, "dim": DIM, "command": "test", "cpu_threads": 1, "seconds": 1.0,
+    meta = {"default_variant": output.default_variant, "encoder_id": enc.encoder_id, "dim": DIM, "command": "test",
+            "cpu_threads": 1, "seconds": 1.0,
             "near_duplicates": {"threshold": ws.threshold, "evaluation_images": 1,
                                 "memories": {k: m.counts for k, m in ws.memories.items()}},
+            "selection": output.selection, "calibration": output.calibration,
             "training": output.training, "diagnostics": output.diagnostics}
     json_path, md_path = write_report(tmp_path / "docs", output.rows, plan, meta)
     doc = json.loads(json_path.read_text())
     results = doc["results"]
-    assert results and all(all(k in r for k in REQUIRED_KEYS) for r in results)
-    assert {r["memory"] for r in results} == set(MEMORIES)
-    assert {r["metric"] for r in results} <= set(METRICS)
+    # the default recipe: a trained candidate, chosen on validation, named at the top level and in its rows
+    candidates = {v.name for v in plan.variants if v.candidate and v.kind == "trained"}
+    assert doc["default_variant"] in candidates and {s["variant"] for s in output.selection} == candidates
+    assert results and all(all(k in r for k in REQUIRED_KEYS) and r["variant"] for r in results)
+    assert {r["memory"] for r in results} == set(ALL_MEMORIES)
+    assert {r["dataset"] for r in results if r["memory"] == "mismatched"} == {"cub100", "flowers12", "imagenette"}
+    new_metrics = {"ece", "ece@100", "image_queries", "class_prompts", "caption_queries"}
+    assert {r["metric"] for r in results} <= set(METRICS) | new_metrics
     assert all(0.0 <= r["value"] <= 1.0 and r["std"] >= 0.0 and r["seeds"] for r in results)
     paper_clip = [r for r in results if r["variant"] == "paper" and r["mode"] == "clip" and r["split"] == "test"]
     assert paper_clip and all(r["seeds"] == [0, 1] for r in paper_clip)  # main table: every main seed
-    assert all(r["seeds"] == [0] for r in results if r["variant"] == "gated")
+    default_best = [r for r in results if r["variant"] == doc["default_variant"] and r["mode"] == "best"
+                    and r["metric"] == "top1"]
+    assert default_best and all(r["seeds"] == [0, 1] for r in default_best)  # the default runs every main seed
+    assert all(r["seeds"] == [0] for r in results if r["variant"] == "aug")
     assert any(r["mode"] == "best" and r["chosen_modes"] for r in results)
     assert {r["k_infer"] for r in results if r["variant"] == "k=5"} == {5, 10}
-    # trained on the class-clustered world, with class-captioned memory, the class prompts stay useful
+    # calibration: an ECE for CLIP and for RECO on every zero-shot set; a fitted scale per mode
+    eces = {(r["dataset"], r["mode"]) for r in results if r["metric"] == "ece" and r["split"] == "test"}
+    assert {("cifar10", "clip"), ("cub100", "best"), ("cub100", "clip")} <= eces
+    scales = output.calibration["paper/0/10"]["softmax_scale"]
+    assert set(scales) == {"clip", "image", "text", "both"} and all(s > 0 for s in scales.values())
+    # the fallback variants report how often they kept CLIP, per set
+    rates = [r for r in results if r["variant"] == "score-bias+fallback" and r["metric"] == "image_queries"]
+    assert {r["memory"] for r in rates} == set(ALL_MEMORIES) or output.calibration[
+        "score-bias+fallback/0/10"]["fallback"] is None
+    assert len(output.calibration["paper+fallback/0/10"]["fallback_candidates"]) >= 2
     cub_clip = next(r for r in paper_clip if r["dataset"] == "cub100" and r["metric"] == "top1"
                     and r["memory"] == "generic+domain" and r["k_infer"] == 10)
     assert cub_clip["value"] > 0.5
     text = md_path.read_text()
-    assert "Near-duplicates" in text and "Targets of issue 5" in text and "caption-like-prompts" in text
+    for part in ("Goals of issue 16", "mismatched", "expected calibration error", "Near-duplicates",
+                 "Why: the measured chain", "levers", "caption-like-prompts"):
+        assert part in text, part
     for png in ("zeroshot.png", "k.png", "options.png"):
         assert (tmp_path / "docs" / "reproduction" / png).stat().st_size > 1000
     leak = {r["self_exclusion"]: r["own_image_in_neighbours"] for r in output.diagnostics["training_leak"]}
     assert leak["pair"] > 0.5 and leak["image"] == 0.0
     overfit = {r["images"]: r for r in output.diagnostics["base_overfit"]}
     assert overfit["train (seen by the base)"]["n"] == 80 and "val (unseen)" in overfit
+    assert overfit["train, augmented views (queries of `aug`)"]["n"] == 80
     assert build_results(output.rows) == results
-    assert "Why: the measured chain" in text
     md_path.unlink()
     assert render_from_json(tmp_path / "docs").read_text() == text  # the JSON alone re-renders the same doc
+
+
+def test_augmented_queries_and_score_bias_reach_training(world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    sets, enc = world
+    plan = _plan()
+    views = _views(sets)
+    ws = prepare(enc, tmp_path, tmp_path, plan, datasets=sets, progress=False, augmented=views)  # type: ignore[arg-type]
+    assert ws.augmented is not None and ws.augmented.shape == (1, len(ws.pairs), DIM)
+    # each training pair's query is the view of its own image; the memory keeps the clean embeddings
+    g = sets["flickr8k"]
+    first = int(ws.pairs.ids[0].partition(":")[2])  # type: ignore[index]
+    image_row = list(g.images_of("train")).index(g.caption_image[first])
+    assert np.allclose(ws.augmented[0, 0], views[0, image_row])
+    assert not np.allclose(ws.augmented[0, 0], ws.pairs.image[0])
+    model, metrics = train_variant(ws, plan, plan.variant("all-levers"), 0)
+    assert model.image.score_weight is not None and model.image.gate is not None  # type: ignore[union-attr]
+    assert metrics["options"]["score_bias"] and metrics["options"]["query_dropout"] == 0.5
+    with pytest.raises(ValueError, match="augmented"):
+        bare = prepare(enc, tmp_path, tmp_path, _plan(variants=[plan.variant("paper")]), datasets=sets,
+                       progress=False)  # type: ignore[arg-type]
+        train_variant(bare, plan, plan.variant("aug"), 0)
 
 
 def test_quick_plan_runs_every_variant_once() -> None:
@@ -327,4 +378,46 @@ def test_quick_plan_runs_every_variant_once() -> None:
     assert {v.name for v in plan.variants} == {v.name for v in default_variants()}
     assert plan.seeds_of(plan.variant("paper")) == [0]
     full = ReproPlan()
-    assert full.seeds_of(full.variant("paper")) == [0, 1, 2] and full.seeds_of(full.variant("gated")) == [0]
+    assert full.seeds_of(full.variant("paper")) == [0, 1, 2] and full.seeds_of(full.variant("aug")) == [0]
+    assert full.seeds_of(full.variant("paper+fallback")) == [0, 1, 2]  # reuses the paper fusion
+    assert ReproPlan(default_seeds_for=["aug"]).seeds_of(full.variant("aug+fallback")) == [0, 1, 2]
+    assert "paper" in {v.name for v in default_variants()}  # the paper recipe stays a named variant
+
+
+class _PixelEncoder:
+    """Embeds an image by its mean colour and size: enough to see that views differ and are cached."""
+
+    encoder_id = "pixels/test"
+    dim = 4
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def encode_images(self, images: list[Image.Image]) -> np.ndarray:
+        self.calls += 1
+        out = [np.asarray(im.convert("RGB"), np.float32).reshape(-1, 3).mean(0).tolist() + [im.size[0] / 100]
+               for im in images]
+        return np.asarray(out, np.float32)
+
+
+def test_augmented_views_are_encoded_once_and_differ_from_the_clean_image(tmp_path: Path) -> None:
+    from app.reproduce.data import encode_augmented_views
+
+    folder = tmp_path / "flickr8k"
+    (folder / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (160, 160, 3), dtype=np.uint8)).save(folder / "images" / f"{i}.jpg")
+        files.append(f"images/{i}.jpg")
+    (folder / "manifest.csv").write_text("image,caption,label,split\n")
+    data = EncodedSet("flickr8k", files, np.zeros((3, 4), np.float32), ["a", "b", "c"], np.zeros(3, np.uint64),
+                      np.asarray(["train"] * 3), np.full(3, -1), [], np.zeros((0, 4), np.float32),
+                      np.zeros(0, np.int64))
+    enc = _PixelEncoder()
+    views = encode_augmented_views(enc, folder, data, np.arange(3), tmp_path / "cache", views=2, progress=False)  # type: ignore[arg-type]
+    assert views.shape == (2, 3, 4) and np.allclose(np.linalg.norm(views, axis=2), 1.0, atol=1e-5)
+    assert not np.allclose(views[0], views[1])  # two random views
+    calls = enc.calls
+    again = encode_augmented_views(enc, folder, data, np.arange(3), tmp_path / "cache", views=2, progress=False)  # type: ignore[arg-type]
+    assert enc.calls == calls and np.array_equal(again, views)  # from the cache
