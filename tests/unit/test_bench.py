@@ -31,7 +31,8 @@ from tests.conftest import SHARED_DATA
 IMAGES = SHARED_DATA / "flickr8k" / "images"
 INGEST_KEYS = {"n", "encoder_only_img_s", "pipeline_img_s", "ratio", "model", "device"}
 SEARCH_KEYS = {"size", "backend", "batch", "qps", "p50_ms", "p99_ms", "recall_at_10", "rss_mb", "ef", "filtered"}
-REFINE_KEYS = {"memory_size", "clip_p50_ms", "reco_p50_ms", "clip_p99_ms", "reco_p99_ms", "overhead"}
+REFINE_KEYS = {"memory_size", "clip_p50_ms", "reco_p50_ms", "clip_p99_ms", "reco_p99_ms", "overhead",
+               "class_set_1000_labels_s", "cub100_first_prediction_s"}
 
 
 @pytest.fixture(scope="module")
