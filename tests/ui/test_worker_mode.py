@@ -59,7 +59,8 @@ def test_pages_answer_through_the_refine_worker(refine_worker: str) -> None:
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert any("· refine worker" in c.value for c in at.caption)
     text = "\n".join(m.value for m in at.markdown)
-    assert "#### RECO top-5 · mode both, k=4" in text and text.count("attention **") == 4
+    # the image's 4 neighbours and the top 3 classes' 4 prompt neighbours each, with the fusion's weights
+    assert "#### RECO top-5 · mode both, k=4" in text and text.count("attention **") == 4 + 3 * 4
 
     at.switch_page("views/search.py").run()
     at.text_input(key="search_text").set_value("a photo of a hat")
