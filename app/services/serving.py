@@ -146,6 +146,10 @@ class PredictionOut(BaseModel):
     self_attention: float | None = None
     class_explanations: list[ClassExplanation] = []  # modes text/both: the top classes' prompt neighbours
     relatedness: Relatedness | None = None
+    # the checkpoint's do-no-harm threshold (chosen on validation) for an image query, and whether this image's
+    # nearest neighbour fell below it, so that the image side kept its CLIP embedding
+    fallback_threshold: float | None = None
+    fell_back: bool | None = None
     reco_unavailable: str | None = None  # why there is no RECO answer (no checkpoint, empty memory, ...)
     via: str = "in-process"
 
@@ -473,6 +477,10 @@ class ServingService:
                 continue
             answer.reco, answer.checkpoint = reco.predictions, reco.checkpoint
             answer.self_attention = reco.self_attention
+            threshold = live.refiner.fallback.get("image") if live.refiner is not None else None
+            if threshold is not None and query.mode in (RefineMode.IMAGE, RefineMode.BOTH) and reco.neighbours:
+                answer.fallback_threshold = float(threshold)
+                answer.fell_back = max(n.score for n in reco.neighbours) < threshold
             answer.neighbours = self._with_metadata([
                 NeighbourOut(item_id=n.item_id, caption=n.caption or "", score=n.score, attention=n.attention)
                 for n in reco.neighbours])

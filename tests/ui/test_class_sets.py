@@ -62,3 +62,23 @@ def test_trimmed_text_encoding_is_the_full_pass() -> None:
     with torch.inference_mode():
         full = l2_normalise(encoder._model.encode_text(encoder._tokenizer(texts)))
     np.testing.assert_allclose(encoder.encode_texts(texts), full, atol=1e-5)
+
+
+def test_prediction_says_when_reco_fell_back_to_clip(ui_data: Path) -> None:
+    """The checkpoint's do-no-harm threshold reaches the answer: above every similarity, the image side falls
+    back (and says so); at -1 it never does."""
+    from app.services.serving import PredictQuery, ServingService
+
+    image = next(p for p in sorted((Path(__file__).resolve().parents[2] / "sample" / "clothing10" / "images")
+                                   .iterdir()) if p.name.startswith("val_"))
+    service = ServingService(Settings())
+    try:
+        live = service.live()
+        assert live.refiner is not None
+        query = PredictQuery(labels=["hat", "shoes", "dress"], mode="both")
+        for threshold, expected in ((1.5, True), (-1.0, False)):
+            live.refiner.fallback = {"image": threshold}
+            (answer,) = service.predict([(image.name, image.read_bytes())], query)
+            assert answer.fallback_threshold == threshold and answer.fell_back is expected
+    finally:
+        service.close()

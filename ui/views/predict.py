@@ -136,6 +136,10 @@ def show_relatedness(view: PredictView) -> None:
                    "items here, and CLIP's answer is the safer one.", icon=":material/travel_explore:")
     else:
         st.caption(line + ".")
+    if view.fell_back:
+        st.info(f"RECO **fell back to CLIP** on the image side: the nearest neighbour's similarity is below the "
+                f"checkpoint's threshold {view.fallback_threshold:.3f} (chosen on validation), so the image "
+                "kept its CLIP embedding.", icon=":material/undo:")
 
 
 def flag_uncovered(settings: Settings, classes: list[str]) -> None:
