@@ -4,7 +4,8 @@ Both go through the prediction service (:func:`app.services.predict.predict_imag
 encode (one image, ViT-B-32), then CLIP scores against the cached class embeddings; RECO (mode
 ``both``) adds the image's retrieval from the memory and the fusion, against cached refined class
 embeddings. The memory (``memory``) is what serving uses, a Qdrant Edge collection (HNSW) of ``memory_size``
-embedding-like pairs (:mod:`app.bench.embedding_memory`), beside the exact index of the same rows; or, with
+embedding-like pairs (:mod:`app.bench.embedding_memory`; the base encoder's embeddings, randomly projected to
+the timed encoder's dimension when they differ), beside the exact index of the same rows; or, with
 ``memory="exact"``, exact indexes of synthetic pairs in both storage types (random unit vectors: exact cost
 does not depend on their meaning). The fusion checkpoint is randomly initialised (speed only). Class
 embeddings are computed before timing (they are cached per class set in production too). Requests
@@ -213,9 +214,14 @@ def _edge_and_exact(root: Path, size: int, dim: int) -> dict[str, Any]:
 
     settings = get_settings()
     pairs = _embedding_pairs(settings, settings.shared_data)
-    if np.asarray(pairs["image"]).shape[1] != dim:
-        raise ValueError(f"the configured encoder gives {np.asarray(pairs['image']).shape[1]}-d embeddings, "
-                         f"the benchmark's encoder {dim}-d: use --memory exact")
+    source_dim = np.asarray(pairs["image"]).shape[1]
+    if source_dim != dim:
+        # the base encoder (384-d) vs the timed encoder (ViT-B-32, 512-d): a fixed random projection keeps the
+        # real embeddings' cosine structure (Johnson-Lindenstrauss) at the dimension the fusion expects
+        projection = np.random.default_rng(0).standard_normal((source_dim, dim)).astype(np.float32)
+        for side in ("image", "text"):
+            moved = np.asarray(pairs[side], np.float32) @ projection
+            pairs[side] = moved / np.linalg.norm(moved, axis=1, keepdims=True)
     write_embedding_memories(root / "rows", [size], pairs)
     folder = memory_folder(root / "rows", size, "float32")
     store = EdgeStore(root / "edge", MemoryLayout(indexing_threshold=1, min_free_mb=0))
