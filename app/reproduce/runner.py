@@ -552,7 +552,8 @@ class _Runner:
         self.done.add((variant.name, seed))
         model = self.model_for(variant, seed)
         for k_infer in (variant.k, *variant.k_infer):
-            fallback, tried = None, []
+            fallback: dict[str, float] | None = None
+            tried: list[dict[str, Any]] = []
             if variant.fallback and model is not None:
                 fallback, tried = choose_fallback(self.ws, model, variant, k_infer, self.texts, seed)
             rows, logits = evaluate_all(self.ws, model, variant, k_infer, self.texts, fallback=fallback)
@@ -565,7 +566,7 @@ class _Runner:
 
 def choose_default(rows: Sequence[Row], plan: ReproPlan) -> tuple[str, list[dict[str, Any]]]:
     """The candidate (trained) variant with the best validation score at k' = k, on the ablation seeds."""
-    table = []
+    table: list[dict[str, Any]] = []
     for v in plan.variants:
         if not v.candidate or v.kind != "trained":
             continue
@@ -580,7 +581,7 @@ def choose_default(rows: Sequence[Row], plan: ReproPlan) -> tuple[str, list[dict
                           "seeds": list(plan.ablation_seeds)})
     if not table:
         return PAPER, table
-    best = max(table, key=lambda t: t["validation_score"])  # first maximum: the earlier (simpler) variant
+    best = max(table, key=lambda t: float(t["validation_score"]))  # first maximum: the earlier (simpler) variant
     return str(best["variant"]), table
 
 
