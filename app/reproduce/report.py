@@ -768,7 +768,8 @@ def _misses(results: Sequence[Row], meta: dict[str, Any]) -> list[str]:
     if att:
         img = [r["neighbour_attention"] for r in att if r["memory"] == GENERIC_DOMAIN and "images" in r["queries"]]
         if img:
-            lines.append(f"- Trust in the neighbours: the default's fusion puts {sum(img) / len(img):.2f} of the query's "
+            share = sum(img) / len(img)
+            lines.append(f"- Trust in the neighbours: the default's fusion puts {share:.2f} of the query's "
                          "attention on its neighbours (domain test images, generic+domain), mean fusion 0.91; learned "
                          "minus mean fusion on the domain sets: " + ", ".join(
                              f"{LABELS[d]} {_signed(_delta(_get(results, dataset=d, metric='top1', mode=BEST, memory=GENERIC_DOMAIN, variant=default), _get(results, dataset=d, metric='top1', mode=BEST, memory=GENERIC_DOMAIN, variant='mean-fusion')))}"  # noqa: E501
@@ -779,14 +780,16 @@ def _misses(results: Sequence[Row], meta: dict[str, Any]) -> list[str]:
         scales = cal[key]["softmax_scale"]
         floor = [m for m, v in scales.items() if v <= min(SCALE_GRID)]
         lines.append("- Calibration: one softmax scale per mode is fitted over the validation images of all three "
-                     "memories together, whose accuracies differ by an order of magnitude (default, CUB-100 top-1: " + ", ".join(
+                     "memories together, whose accuracies differ by an order of magnitude (default, CUB-100 "
+                     "top-1: " + ", ".join(
                          f"{m} {_pct(_get(results, dataset='cub100', metric='top1', mode=BEST, memory=m, variant=default, split='test'), std=False)}"  # noqa: E501
                          for m in ALL_MEMORIES) + " on test); fitted scales " + ", ".join(
                          f"{m} {v:g}" for m, v in scales.items())
                      + (f" — {', '.join(floor)} at the grid's floor ({min(SCALE_GRID):g}), so lower scales were "
                         "not tried" if floor else "") + ".")
         fb = cal[key].get("fallback")
-        cifar = _get(results, dataset="cifar10", metric="image_queries", mode="-", memory=GENERIC_DOMAIN, variant=default)
+        cifar = _get(results, dataset="cifar10", metric="image_queries", mode="-", memory=GENERIC_DOMAIN,
+                     variant=default)
         if fb and cifar:
             lines.append(f"- Do no harm on CIFAR-10 with the domain pairs: only {_pct(cifar, std=False)} % of its test "
                          f"images fall below the image threshold {fb.get('image', float('nan')):.3f}: the rest are "
@@ -795,5 +798,6 @@ def _misses(results: Sequence[Row], meta: dict[str, Any]) -> list[str]:
         d = _delta(_get(results, dataset="flickr8k", metric=metric, mode=BEST, memory=GENERIC, variant=default),
                    _get(results, dataset="flickr8k", metric=metric, mode=BEST, memory=GENERIC, variant=PAPER))
         if d is not None:
-            lines.append(f"- Flickr8k {metric}: the default minus the paper recipe on the same seed {_signed(d)} points.")
+            lines.append(f"- Flickr8k {metric}: the default minus the paper recipe on the same seed {_signed(d)} "
+                         "points.")
     return lines + [""]
