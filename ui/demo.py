@@ -38,7 +38,8 @@ def _checkpoint(settings: Settings, encoder_id: str) -> tuple[Path | None, str]:
     from app.fusion.checkpoint import committed_checkpoint_for
 
     committed = committed_checkpoint_for(encoder_id)
-    return path, "committed default" if committed is not None and path.resolve() == committed.resolve() else "registered"
+    is_committed = committed is not None and path.resolve() == committed.resolve()
+    return path, "committed default" if is_committed else "registered"
 
 
 def run_demo(settings: Settings, *, sample: Path = SAMPLE_DIR, progress: bool = True) -> dict[str, Any]:

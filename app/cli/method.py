@@ -63,7 +63,8 @@ def train(
         request = TrainRequest(
             dataset=dataset, split=split or None, memory_filters=_filters(memory), fusion_config=fusion_config, k=k,
             lr=lr, weight_decay=weight_decay, batch_size=batch_size, epochs=epochs, warmup_steps=warmup_steps,
-            seed=seed, query_dropout=query_dropout, gated_init=gated_init, score_bias=score_bias, search_modality=search,
+            seed=seed, query_dropout=query_dropout, gated_init=gated_init, score_bias=score_bias,
+            search_modality=search,
             fusion_modality=fusion, dedupe=dedupe, output=output, progress=not as_json)
         report = run_training(load_settings(), request)
     except (ValidationError, MethodError, ValueError) as exc:

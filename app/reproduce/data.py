@@ -12,6 +12,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -152,7 +153,7 @@ def held_out(files: Sequence[str], fraction_denominator: int, salt: str) -> np.n
 AUGMENT_VERSION = "strong-v1"
 
 
-def strong_augment():  # noqa: ANN201 - a torchvision transform (random state: torch's global generator)
+def strong_augment() -> Any:  # a torchvision transform (random state: torch's global generator)
     """Stronger than the base's own training augmentation (scale 0.4-1, jitter 0.3): random resized crop
     to 15-50 % of the area, colour jitter 0.5, blur, grayscale 0.2, flip."""
     from torchvision import transforms as T

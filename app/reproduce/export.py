@@ -90,7 +90,7 @@ def _model_card(path: Path, sha: str, meta: CheckpointMeta, description: str, tr
              f"pairs; loss {training['initial_loss']:.3f} → {training['final_loss']:.3f}; {training['seconds']:.0f} s.",
              "",
              "## Calibration (chosen on validation, stored in the checkpoint)", "",
-             f"- Fallback to CLIP when the best neighbour's search score is below: "
+             "- Fallback to CLIP when the best neighbour's search score is below: "
              + (", ".join(f"{m} queries {t:.4f}" for m, t in fallback.items()) if fallback else "never (none helped on "
                                                                                                   "validation)"),
              "- Softmax logit scale per mode (replaces CLIP's fixed 100): "
@@ -109,7 +109,8 @@ def _model_card(path: Path, sha: str, meta: CheckpointMeta, description: str, tr
         for ds, v in sets.items():
             if "clip_top1" in v:
                 lines.append(f"| {memory} | {LABELS.get(ds, ds)} | {100 * v['clip_top1']:.1f} | "
-                             f"{100 * v.get('reco_top1', float('nan')):.1f} | {100 * v.get('clip_ece', float('nan')):.1f}"
+                             f"{100 * v.get('reco_top1', float('nan')):.1f} | "
+                             f"{100 * v.get('clip_ece', float('nan')):.1f}"
                              f" | {100 * v.get('reco_ece', float('nan')):.1f} |")
             for metric in ("i2t_r@1", "t2i_r@1"):
                 if f"clip_{metric}" in v:

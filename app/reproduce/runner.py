@@ -28,6 +28,7 @@ from app.fusion.model import RecoFusion
 from app.fusion.train import TrainingPairs, TrainOptions, precompute_neighbours, train_fusion
 from app.memory.exact import ExactIndex
 from app.refine import Refiner
+from app.reproduce.aggregate import choose_modes
 from app.reproduce.data import EncodedSet, encode_augmented_views, encode_dataset, held_out
 from app.reproduce.memory import CleanMemory, EvalImages, MemoryRows, calibrated_threshold, clean_memory
 from app.reproduce.plan import (
@@ -47,13 +48,12 @@ from app.zeroshot import (
     DEFAULT_TEMPLATES,
     ClassEmbeddingCache,
     ZeroShotClassifier,
+    _normalise,
     caption_like_set,
     expected_calibration_error,
-    _normalise,
     fit_softmax_scale,
     resolve_templates,
 )
-from app.reproduce.aggregate import choose_modes
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +288,8 @@ def train_variant(ws: Workspace, plan: ReproPlan, variant: Variant, seed: int, *
     options = TrainOptions(k=variant.k, lr=plan.lr, weight_decay=plan.weight_decay, batch_size=batch_size,
                            epochs=epochs, warmup_steps=plan.warmup_steps, seed=seed,
                            query_dropout=variant.query_dropout, gated_init=variant.gated_init,
-                           score_bias=variant.score_bias, self_exclusion=variant.self_exclusion, near_duplicate_threshold=ws.threshold,
+                           score_bias=variant.score_bias, self_exclusion=variant.self_exclusion,
+                           near_duplicate_threshold=ws.threshold,
                            threads=plan.threads, progress=progress, retrieval=retrieval)
     neighbours = training_neighbours(ws, memory, pairs, variant.k, retrieval, variant.self_exclusion)
     result = train_fusion(pairs, memory, FusionCfg(name="reco-fusion-b"), options, encoder_id=ws.encoder_id,
@@ -551,7 +552,8 @@ class _Runner:
         self.done.add((variant.name, seed))
         model = self.model_for(variant, seed)
         for k_infer in (variant.k, *variant.k_infer):
-            fallback, tried = None, []
+            fallback: dict[str, float] | None = None
+            tried: list[dict[str, Any]] = []
             if variant.fallback and model is not None:
                 fallback, tried = choose_fallback(self.ws, model, variant, k_infer, self.texts, seed)
             rows, logits = evaluate_all(self.ws, model, variant, k_infer, self.texts, fallback=fallback)
@@ -564,7 +566,7 @@ class _Runner:
 
 def choose_default(rows: Sequence[Row], plan: ReproPlan) -> tuple[str, list[dict[str, Any]]]:
     """The candidate (trained) variant with the best validation score at k' = k, on the ablation seeds."""
-    table = []
+    table: list[dict[str, Any]] = []
     for v in plan.variants:
         if not v.candidate or v.kind != "trained":
             continue
@@ -579,7 +581,7 @@ def choose_default(rows: Sequence[Row], plan: ReproPlan) -> tuple[str, list[dict
                           "seeds": list(plan.ablation_seeds)})
     if not table:
         return PAPER, table
-    best = max(table, key=lambda t: t["validation_score"])  # first maximum: the earlier (simpler) variant
+    best = max(table, key=lambda t: float(t["validation_score"]))  # first maximum: the earlier (simpler) variant
     return str(best["variant"]), table
 
 

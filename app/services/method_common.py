@@ -111,8 +111,9 @@ def resolve_checkpoint(
             raise CheckpointNotFound(f"fusion checkpoint not found: {path}: give an existing file "
                                      "(--checkpoint or RECO_FUSION_CHECKPOINT), or leave it empty for the newest")
         return path, checkpoint_by_sha256(factory, file_sha256(path))
-    path, record = default_checkpoint(factory, encoder_id)
-    if path is not None:
+    found, record = default_checkpoint(factory, encoder_id)
+    if found is not None:
+        path = found
         if record is None:  # the committed default: registered only if someone registered that file
             record = checkpoint_by_sha256(factory, file_sha256(path))
         elif trained_pairs(record.metrics) < MIN_DEFAULT_PAIRS:
