@@ -100,7 +100,7 @@ def softmax(logits: np.ndarray, scale: float) -> np.ndarray:
     """Row-wise softmax of ``scale * logits``."""
     z = scale * (logits - logits.max(axis=-1, keepdims=True))
     p = np.exp(z)
-    return p / p.sum(axis=-1, keepdims=True)
+    return cast(np.ndarray, p / p.sum(axis=-1, keepdims=True))
 
 
 def expected_calibration_error(logits: np.ndarray, labels: np.ndarray, scale: float, bins: int = 15) -> float:

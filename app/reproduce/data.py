@@ -12,7 +12,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -185,7 +185,7 @@ def encode_augmented_views(
                       AUGMENT_VERSION, views, seed, len(images), hashlib.sha1(np.asarray(images).tobytes()).hexdigest())
     target = Path(cache_dir) / safe_name(encoder.encoder_id) / f"{dataset_dir.name}-aug-{key}.npy"
     if target.is_file():
-        return np.load(target, allow_pickle=False)
+        return cast(np.ndarray, np.load(target, allow_pickle=False))
     out = np.empty((views, len(images), encoder.dim), np.float32)
     root = dataset_dir.resolve()
     with torch.random.fork_rng(devices=[]):
