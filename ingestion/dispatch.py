@@ -200,7 +200,7 @@ def run_async_cli(source: Path | None, watch_dir: Path | None, *, limit: int | N
     settings = load_settings()
     settings.ensure_dirs()
     upgrade_database(settings.resolved_database_url)  # never opens Qdrant: the embed worker owns a local store
-    sender = default_sender()
+    sender = default_sender(settings)  # the broker these settings name, not one imported earlier
     if watch_dir is not None:
         from ingestion.watch import scan_once, watch
 

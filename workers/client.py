@@ -11,6 +11,7 @@ from typing import Any
 
 from celery import Celery
 
+from app.config import Settings
 from app.services.ingest_ledger import TaskRef
 
 EMBED_TASK = "reco.embed.items"
@@ -39,7 +40,12 @@ class CeleryTaskSender:
                 return 0
 
 
-def default_sender() -> CeleryTaskSender:
+def default_sender(settings: Settings | None = None) -> CeleryTaskSender:
+    """A sender for these settings' broker (a Celery app of its own), or the worker module's shared app."""
+    if settings is not None:
+        from workers.celery_app import create_celery_app
+
+        return CeleryTaskSender(create_celery_app(settings))
     from workers.celery_app import app
 
     return CeleryTaskSender(app)
