@@ -169,4 +169,4 @@ def test_readme_command_one_as_a_user_lives_it(demo, chromium: WebDriver, tmp_pa
     assert again.returncode == 0, again.stderr[-3000:]
     second = json.loads(again.stdout.strip().splitlines()[-1])
     assert second["ingest"]["ingested"] == 0 and second["ingest"]["duplicates"] == 800
-    assert second["checkpoint"]["origin"] in {"registered", "committed", "configured"}
+    assert second["checkpoint"]["origin"] in {"registered", "committed default", "configured"}
