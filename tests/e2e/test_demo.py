@@ -67,11 +67,18 @@ def demo(tmp_path: Path) -> Iterator[tuple[dict, str, dict[str, str], Path, Call
                                    stdout=stdout, stderr=stderr, start_new_session=True)
     try:
         deadline = time.monotonic() + 900
-        while not out.read_text().strip():
+        result = None
+        while result is None:  # the JSON line may be read while it is still being written: wait for all of it
+            text = out.read_text()
+            if text.endswith("\n") and text.strip():
+                try:
+                    result = json.loads(text.strip().splitlines()[-1])
+                    break
+                except json.JSONDecodeError:
+                    pass
             assert process.poll() is None, log.read_text()[-4000:]
-            assert time.monotonic() < deadline, "the demo printed nothing in 15 min"
+            assert time.monotonic() < deadline, "the demo printed no JSON line in 15 min"
             time.sleep(1)
-        result = json.loads(out.read_text().strip().splitlines()[-1])
         # the JSON is printed before the UI starts: wait until the UI listens (a user's browser would retry)
         while not _listening(port):
             assert process.poll() is None, log.read_text()[-4000:]
