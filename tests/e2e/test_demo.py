@@ -70,12 +70,16 @@ def demo(tmp_path: Path) -> Iterator[tuple[dict, str, dict[str, str], Path, Call
         result = None
         while result is None:  # the JSON line may be read while it is still being written: wait for all of it
             text = out.read_text()
-            if text.endswith("\n") and text.strip():
-                try:
-                    result = json.loads(text.strip().splitlines()[-1])
-                    break
-                except json.JSONDecodeError:
-                    pass
+            # the UI's own lines follow the JSON on stdout: take the first complete JSON line
+            for line in text.splitlines(keepends=True):
+                if line.startswith("{") and line.endswith("\n"):
+                    try:
+                        result = json.loads(line)
+                        break
+                    except json.JSONDecodeError:
+                        pass
+            if result is not None:
+                break
             assert process.poll() is None, log.read_text()[-4000:]
             assert time.monotonic() < deadline, "the demo printed no JSON line in 15 min"
             time.sleep(1)
