@@ -142,6 +142,16 @@ def _labels(raw: list[str] | None) -> list[str] | None:
     return out
 
 
+def _image_from_b64(value: str | None) -> bytes | None:
+    """A request's base64 image field decoded, or a 400 that says it is not base64."""
+    if value is None:
+        return None
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ApiError(400, "invalid_request", f"image_b64 is not base64: {exc}") from exc
+
+
 def create_app(settings: Settings, service: ServingService, *, uploads: Any = None) -> FastAPI:
     """``uploads``: the ingestion layer's upload storage (``ingestion.uploads``), for ``POST /v1/ingest``."""
     app = FastAPI(title="RECO memory service", version="1", description=__doc__,
@@ -217,14 +227,9 @@ def create_app(settings: Settings, service: ServingService, *, uploads: Any = No
     def search(body: SearchBody) -> SearchAnswer:
         """Text or image (base64) query; ``target`` image or text vectors; filters, k, score threshold;
         ``mode`` clip or a RECO mode that refines the query."""
-        image = None
-        if body.image_b64 is not None:
-            try:
-                image = base64.b64decode(body.image_b64, validate=True)
-            except (binascii.Error, ValueError) as exc:
-                raise ApiError(400, "invalid_request", f"image_b64 is not base64: {exc}") from exc
-            if len(image) > settings.max_image_bytes:
-                raise ApiError(413, "too_large", f"the image is over the cap of {settings.max_image_bytes} bytes")
+        image = _image_from_b64(body.image_b64)
+        if image is not None and len(image) > settings.max_image_bytes:
+            raise ApiError(413, "too_large", f"the image is over the cap of {settings.max_image_bytes} bytes")
         fields = body.model_dump(exclude={"image_b64"})
         query = SearchQuery.model_validate(fields | {"image_bytes": image})
         return service.search(query)
@@ -233,12 +238,7 @@ def create_app(settings: Settings, service: ServingService, *, uploads: Any = No
     def memory_map(body: MapBody) -> MemoryMap:
         """A 2-D PCA map of the memory's image vectors (one point per image, class names), with an item or an
         uploaded image (base64) marked as the query and its nearest images as neighbours."""
-        image = None
-        if body.image_b64 is not None:
-            try:
-                image = base64.b64decode(body.image_b64, validate=True)
-            except (binascii.Error, ValueError) as exc:
-                raise ApiError(400, "invalid_request", f"image_b64 is not base64: {exc}") from exc
+        image = _image_from_b64(body.image_b64)
         return service.memory_map(MapQuery.model_validate(body.model_dump(exclude={"image_b64"})), image)
 
     # --- items --------------------------------------------------------------------------------------------
