@@ -13,19 +13,19 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import app.memory.exact as exact_module
-from app.bench import child
-from app.bench.common import machine_info, unit_vectors
-from app.bench.growth import describe_bends, ingest_batch_curve, search_curve
-from app.bench.ingest import build_encoder, run_ingest_bench
-from app.bench.memory_files import memory_folder, write_synthetic_memories
-from app.bench.report import write_report
-from app.bench.search import run_search_bench
-from app.bench.train import run_train_bench
 from app.memory.base import ItemPayload
 from app.memory.exact import ExactIndex
 from app.memory.payload_file import LazyPayloads
 from app.schemas import Modality
 from ingestion.pipeline import ingest_source
+from programs.bench import child
+from programs.bench.common import machine_info, unit_vectors
+from programs.bench.growth import describe_bends, ingest_batch_curve, search_curve
+from programs.bench.ingest import build_encoder, run_ingest_bench
+from programs.bench.memory_files import memory_folder, write_synthetic_memories
+from programs.bench.report import write_report
+from programs.bench.search import run_search_bench
+from programs.bench.train import run_train_bench
 from tests.conftest import SHARED_DATA
 
 IMAGES = SHARED_DATA / "flickr8k" / "images"
@@ -75,7 +75,7 @@ def _clustered(n: int, dim: int, seed: int) -> np.ndarray:
 
 
 def test_engine_bench_edge_against_exact_on_embedding_like_rows(tmp_path: Path) -> None:
-    from app.bench.search import engine_goals, engine_report, merge_runs, run_engine_bench
+    from programs.bench.search import engine_goals, engine_report, merge_runs, run_engine_bench
 
     pairs = {"image": _clustered(400, 32, 1), "text": _clustered(400, 32, 2), "dataset": ["a", "b"] * 200,
              "queries": _clustered(30, 32, 3), "encoder_id": "test"}
@@ -99,7 +99,7 @@ def test_engine_bench_edge_against_exact_on_embedding_like_rows(tmp_path: Path) 
 
 
 def test_refine_bench_gives_the_contract(tiny: object, tmp_path: Path) -> None:
-    from app.bench.refine import run_refine_bench
+    from programs.bench.refine import run_refine_bench
 
     result = run_refine_bench(IMAGES, memory_size=300, n_images=2, encoder=tiny, workdir=tmp_path, memory="exact")
     dumped = result.model_dump()
@@ -129,7 +129,7 @@ def test_growth_curves_and_their_notes(tiny: object, tmp_path: Path) -> None:
 
 
 def test_gpu_bench_says_not_run_without_a_gpu_and_runs_its_path_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    from app.bench import gpu
+    from programs.bench import gpu
 
     monkeypatch.setattr(gpu.torch.cuda, "is_available", lambda: False)
     assert gpu.run_gpu_bench(IMAGES, 8)["status"] == "not run: no GPU"
@@ -204,8 +204,8 @@ def test_split_preprocessing_equals_the_full_transform(tiny: object) -> None:
 
 
 def test_repeated_captions_are_encoded_once_per_service(tiny: object, tmp_path: Path) -> None:
-    from app.bench.ingest import pipeline_settings
     from app.services.ingest import IngestService, prepare_storage
+    from programs.bench.ingest import pipeline_settings
 
     calls: list[int] = []
     original = tiny.encode_texts  # type: ignore[attr-defined]
@@ -230,8 +230,8 @@ def test_repeated_captions_are_encoded_once_per_service(tiny: object, tmp_path: 
 
 
 def test_an_item_in_the_batch_being_stored_counts_as_a_duplicate(tiny: object, tmp_path: Path) -> None:
-    from app.bench.ingest import pipeline_settings
     from app.services.ingest import IngestService, prepare_storage
+    from programs.bench.ingest import pipeline_settings
 
     settings = pipeline_settings(tmp_path / "data", tiny, 2)  # type: ignore[arg-type]
     prepare_storage(settings)
@@ -280,7 +280,7 @@ def test_collection_layout_comes_from_settings_and_every_engine_accepts_it(tmp_p
 
 
 def test_int8_storage_with_rescoring_finds_the_float32_neighbours(tmp_path: Path) -> None:
-    from app.bench.stretch import write_int8_memory
+    from programs.bench.stretch import write_int8_memory
 
     queries = unit_vectors(8, 32, 5)
     truth = write_int8_memory(tmp_path / "int8", 3000, 32, queries, 10)

@@ -16,11 +16,11 @@ from safetensors.torch import load_file, save_file
 
 from app.encoder import EncoderLoadError, OpenClipEncoder
 from app.encoder.weights import PRETRAINED_DIR, REGISTERED_TAGS, checkpoint_metadata, file_sha256
-from app.pretrain.augment import AugmentCfg, augment_batch, centre_batch
-from app.pretrain.data import CaptionedImages, cached_image_array, read_manifest
-from app.pretrain.evaluate import evaluate_retrieval, retrieval_recalls
-from app.pretrain.model import create_base_model, export_checkpoint, pooled_text_features
-from app.pretrain.train import PretrainConfig, train_base_model
+from programs.pretrain.augment import AugmentCfg, augment_batch, centre_batch
+from programs.pretrain.data import CaptionedImages, cached_image_array, read_manifest
+from programs.pretrain.evaluate import evaluate_retrieval, retrieval_recalls
+from programs.pretrain.model import create_base_model, export_checkpoint, pooled_text_features
+from programs.pretrain.train import PretrainConfig, train_base_model
 
 MODEL = "reco-base"
 TINY_SIZE = 32  # the conv tower runs at any size; mechanics tests train at 32 px to stay fast
@@ -170,7 +170,7 @@ def test_registered_checkpoints_match_their_sha256() -> None:
 
 def test_default_recipe_is_the_committed_one() -> None:
     """`reco pretrain` without flags must retrain the committed checkpoint, not some other recipe."""
-    from app.pretrain import committed_recipe
+    from programs.pretrain import committed_recipe
 
     for rel, _ in REGISTERED_TAGS.values():
         recorded = json.loads((PRETRAINED_DIR / rel).with_suffix(".json").read_text())["config"]
@@ -180,9 +180,9 @@ def test_default_recipe_is_the_committed_one() -> None:
 def test_committed_card_is_rendered_from_its_report_and_names_tag_and_cap() -> None:
     """The card is the report rendered (no hand edits); the tag says resolution and samples seen; a run the
     time cap cut short says so."""
-    from app.pretrain import tag_for
-    from app.pretrain.card import render_model_card
-    from app.pretrain.model import image_size_of
+    from programs.pretrain import tag_for
+    from programs.pretrain.card import render_model_card
+    from programs.pretrain.model import image_size_of
 
     for (model, tag), (rel, _) in REGISTERED_TAGS.items():
         report = json.loads((PRETRAINED_DIR / rel).with_suffix(".json").read_text())

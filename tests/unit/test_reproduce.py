@@ -18,15 +18,15 @@ from app.evaluation.near_duplicates import dhash
 from app.evaluation.report import METRICS
 from app.fusion.train import TrainingPairs, exclusion_lists, precompute_neighbours
 from app.memory.exact import ExactIndex
-from app.reproduce.aggregate import aggregate, choose_modes, with_best_rows
-from app.reproduce.data import EncodedSet, held_out
-from app.reproduce.memory import EvalImages, MemoryRows, clean_memory
-from app.reproduce.plan import ALL_MEMORIES, ReproPlan, default_variants, extended_variants
-from app.reproduce.report import REQUIRED_KEYS, build_results, render_from_json, write_report
-from app.reproduce.runner import NeighbourCache, knn_vote_logits, prepare, run_plan, train_variant
 from app.retrieval import RetrievalCfg
 from app.schemas import Modality
 from app.zeroshot import caption_like_set, resolve_templates
+from programs.reproduce.aggregate import aggregate, choose_modes, with_best_rows
+from programs.reproduce.data import EncodedSet, held_out
+from programs.reproduce.memory import EvalImages, MemoryRows, clean_memory
+from programs.reproduce.plan import ALL_MEMORIES, ReproPlan, default_variants, extended_variants
+from programs.reproduce.report import REQUIRED_KEYS, build_results, render_from_json, write_report
+from programs.reproduce.runner import NeighbourCache, knn_vote_logits, prepare, run_plan, train_variant
 
 DIM = 32
 
@@ -401,7 +401,7 @@ class _PixelEncoder:
 
 
 def test_augmented_views_are_encoded_once_and_differ_from_the_clean_image(tmp_path: Path) -> None:
-    from app.reproduce.data import encode_augmented_views
+    from programs.reproduce.data import encode_augmented_views
 
     folder = tmp_path / "flickr8k"
     (folder / "images").mkdir(parents=True)

@@ -1,0 +1,11 @@
+"""Miniature reproduction of the paper's tables on a frozen self-trained base model (``reco reproduce``).
+
+``plan`` says what is run (seeds, variants, recipe), ``data`` encodes the datasets once per encoder,
+``memory`` builds the generic and generic+domain memories without near-duplicates of the evaluation
+images, ``runner`` trains and evaluates every variant, ``aggregate`` reduces over seeds and
+``report`` writes ``docs/reproduction.json``, ``docs/reproduction.md`` and the plots.
+"""
+
+from programs.reproduce.plan import ReproPlan, Variant, default_variants
+
+__all__ = ["ReproPlan", "Variant", "default_variants"]
