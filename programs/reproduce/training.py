@@ -43,9 +43,9 @@ def train_variant(ws: Workspace, plan: ReproPlan, variant: Variant, seed: int, *
                                              list(base.index.image_hashes), base.dhashes), *[r for _, r in extra]])
         memory = rows.index(f"train:{variant.name}:{len(rows.ids)}")
         pairs = pairs_of(MemoryRows.concat([MemoryRows(list(ws.pairs.ids or []), ws.pairs.image, ws.pairs.text,
-                                                     list(ws.pairs.image_hashes or []), np.zeros(len(ws.pairs),
-                                                                                                 np.uint64)),
-                                          *[r for _, r in extra]]))
+                                                       list(ws.pairs.image_hashes or []), np.zeros(len(ws.pairs),
+                                                                                                   np.uint64)),
+                                            *[r for _, r in extra]]))
     batch_size, epochs = plan.batch_size, plan.epochs
     if variant.augmented_queries:  # same pairs and memory; the image query is an augmented view of its image
         if ws.augmented is None:

@@ -125,7 +125,7 @@ class Workspace:
 
 
 def retrieval_set(data: EncodedSet, split: str, images: np.ndarray | None = None,
-                   image_emb: np.ndarray | None = None) -> RetrievalSet:
+                  image_emb: np.ndarray | None = None) -> RetrievalSet:
     images = data.images_of(split) if images is None else images
     captions = data.captions_of(images)
     position = {int(img): i for i, img in enumerate(images)}
