@@ -79,10 +79,3 @@ def aggregate(rows: Iterable[Row]) -> list[Row]:
         out.append(record)
     return out
 
-
-def lookup(results: Iterable[Row], **where: Any) -> Row | None:
-    """The one aggregated row matching ``where`` (None when absent)."""
-    found = [r for r in results if all(r.get(k) == v for k, v in where.items())]
-    if len(found) > 1:
-        raise ValueError(f"{len(found)} rows match {where}")
-    return found[0] if found else None
