@@ -78,4 +78,3 @@ def aggregate(rows: Iterable[Row]) -> list[Row]:
             record["chosen_modes"] = [m["chosen_mode"] for m in sorted(members, key=lambda m: m["seed"])]
         out.append(record)
     return out
-
