@@ -77,4 +77,3 @@ def train_variant(ws: Workspace, plan: ReproPlan, variant: Variant, seed: int, *
     if gate:
         metrics["gate_tanh"] = gate
     return result.model, metrics
-

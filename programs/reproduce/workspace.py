@@ -207,4 +207,3 @@ def prepare(encoder: Encoder, data_root: Path, cache_dir: Path, plan: ReproPlan,
     extra[UNSEEN] = (TrainingPairs(unseen_rows.image, unseen_rows.text), unseen_rows)  # not in the memory
     return Workspace(encoder.encoder_id, sets, memories, threshold, pairs_of(generic_rows), zero_shot, retrieval,
                      extra, aug_pairs, None if augmented is None else np.asarray(augmented))
-
