@@ -28,7 +28,6 @@ MODEL = "reco-base"
 TINY_SIZE = 32  # the conv tower runs at any size; mechanics tests train at 32 px to stay fast
 
 
-
 def test_manifests_are_read_by_the_core_as_the_plain_csv_says(shared_data_dir: Path, tmp_path: Path) -> None:
     """Every row of every shared set, in order, with its caption, label and split, and the image beside the manifest
     (the core's reader, app/manifest.py); a row whose image lies outside the dataset's folder stops the read."""
@@ -47,6 +46,7 @@ def test_manifests_are_read_by_the_core_as_the_plain_csv_says(shared_data_dir: P
                                          "../outside.jpg,an escape,0,train\n")
     with pytest.raises(ManifestError, match="outside"):
         read_manifest(folder / "manifest.csv")
+
 
 @pytest.fixture(scope="module")
 def flickr_subset(shared_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
