@@ -49,7 +49,8 @@ def write_markdown(path: Path, results: Sequence[Row], plan: ReproPlan, meta: di
              "`docs/reproduction.json` of that run; every conclusion is computed from those numbers.", "",
              "Protocol: the fusion is trained on Flickr8k train pairs against a Flickr8k-train memory "
              f"({plan.epochs} epochs, batch {plan.batch_size}, AdamW lr {plan.lr}, wd {plan.weight_decay}, cosine with "
-             f"{plan.warmup_steps} warm-up steps, k = 10, d = {meta.get('dim', '?')}). It is evaluated with (a) "
+             f"{plan.warmup_steps} warm-up steps, k = {plan.variant(PAPER).k}, d = {meta.get('dim', '?')}). It is "
+             "evaluated with (a) "
              "that `generic` memory, (b) `generic+domain` = (a) + the captioned train rows of CUB-100, "
              "Flowers-12 and Imagenette, added after training (1 in "
              f"{plan.validation_every} of those images held out as validation, never in the memory), and (c) "
