@@ -59,6 +59,7 @@ def md_table(header: Sequence[str], body: Iterable[Sequence[str]]) -> list[str]:
     lines += ["| " + " | ".join(row) + " |" for row in body]
     return lines + [""]
 
+
 def option_delta(results: Sequence[Row], plan: ReproPlan, name: str, dataset: str,
                  memory: str = GENERIC_DOMAIN, metric: str = "top1", mode: str = BEST) -> float | None:
     """Option minus paper recipe, the paper recipe restricted to the option's seeds."""
@@ -79,14 +80,13 @@ def seed_subset(results: Sequence[Row], base: Row, seeds: Sequence[int]) -> Row 
     return {**base, "value": sum(values) / len(values), "seeds": list(seeds)} if values else None
 
 
-
 ABLATION_COMBINATIONS = (PAPER, "search-cross/fusion-cross", "search-uni/fusion-uni", "search-cross/fusion-uni")
 
 
 def combination_means(results: Sequence[Row], plan: ReproPlan) -> dict[str, float] | None:
     """Mean top-1 over the zero-shot sets (generic+domain, ``best``) of each search × fusion combination, each on
     the ablation seeds; None unless every combination has every set."""
-    means = {}
+    means: dict[str, float] = {}
     for c in ABLATION_COMBINATIONS:
         vals = [get_row(results, dataset=d, metric="top1", mode=BEST, memory=GENERIC_DOMAIN, variant=c)
                 for d in ZERO_SHOT_SETS]

@@ -28,7 +28,6 @@ def near_duplicate_section(meta: dict[str, Any]) -> list[str]:
                              "removed rows", "rows kept", "images"], body)
 
 
-
 def variant_table(results: Sequence[Row], plan: ReproPlan, names: Sequence[str], title: str, note: str,
                   paper_col: dict[str, str] | None = None) -> list[str]:
     lines = [f"## {title}", "", note, ""]
