@@ -220,7 +220,8 @@ def _why_options(results: Sequence[Row], plan: ReproPlan) -> str:
     names = [v.name for v in plan.variants if v.group in ("options", "exclusion")]
     if not names:
         return "5. Options: none in this run's plan."
-    ranked, missing = [], []
+    ranked: list[tuple[float, str]] = []
+    missing: list[str] = []
     for name in names:
         deltas = [option_delta(results, plan, name, ds) for ds in DOMAIN_SETS]
         if all(d is not None for d in deltas):
@@ -249,7 +250,8 @@ def _why_unseen_pairs(diag: dict[str, Any], meta: dict[str, Any]) -> str:
     overfit = {r["images"]: r for r in diag.get("base_overfit", [])}
     half, seen = overfit.get("val half for unseen-pairs"), overfit.get("train (seen by the base)")
     if half and seen:
-        cause = (f"the base finds the right caption at rank 1 for {100 * half['i2t_r@1']:.0f} % of its images vs "
+        cause = ("the base finds the right caption at rank 1 for "
+                 f"{100 * half['i2t_r@1']:.0f} % of those pairs' images vs "
                  f"{100 * seen['i2t_r@1']:.0f} % of its own training images, so it "
                  + ("removes cause 1" if half["i2t_r@1"] < seen["i2t_r@1"] else "does **not** remove cause 1"))
     else:
