@@ -183,8 +183,8 @@ def _why_purity(diag: dict[str, Any]) -> str:
             if best.startswith("text→text") else f"With the domain pairs, the memory knows the answer best by {best} "
             "search, not on the text side:")
     return (f"3. {lead} share of the 10 neighbours of the query's own class, {per_set}. Mean over the sets: "
-            + ", ".join(f"{n} {100 * means[n]:.0f} %" for n in order) + f", so {best} search is the most precise "
-            f"and {order[-1]} the least ({100 * means[best]:.0f} vs {100 * means[order[-1]]:.0f} %).")
+            + ", ".join(f"{n} {100 * means[n]:.1f} %" for n in order) + f", so {best} search is the most precise "
+            f"and {order[-1]} the least ({100 * means[best]:.1f} vs {100 * means[order[-1]]:.1f} %).")
 
 
 def _share(value: float | None) -> str:

@@ -60,8 +60,8 @@ def test_why_conclusions_follow_the_numbers() -> None:
     assert "listens less to its neighbours than mean fusion" in a["2"] and "0.30" in a["2"] and "0.91" in a["2"]
     assert "as much as or more than" in b["2"] and "0.95" in b["2"]
     # 3. which search side knows the class best
-    assert "best on the text side" in a["3"] and "text→text (class prompts) 100 %" in a["3"]
-    assert "best by image→image search, not on the text side" in b["3"] and "image→image 60 %" in b["3"]
+    assert "best on the text side" in a["3"] and "text→text (class prompts) 100.0 %" in a["3"]
+    assert "best by image→image search, not on the text side" in b["3"] and "image→image 60.0 %" in b["3"]
     # 4. learned minus mean fusion: -20 points on every set, or +20
     assert "**loses**" in a["4"] and a["4"].count("-20.0") == 3
     assert "**beats**" in b["4"] and b["4"].count("+20.0") == 3
