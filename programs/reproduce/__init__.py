@@ -5,7 +5,8 @@
 images, ``workspace`` gathers them with the evaluation sets, ``runner`` trains (``training``) and
 evaluates (``evaluation``) every variant and measures the reasons (``diagnostics``), ``aggregate``
 reduces over seeds and ``report`` writes ``docs/reproduction.json``, ``docs/reproduction.md`` and the
-plots (``plots``; the sections in ``tables``, ``recipe_sections`` and ``conclusions``).
+plots (``plots``; the sections in ``tables``, ``recipe_sections`` and ``conclusions``, read from the
+results through ``readout``).
 """
 
 from programs.reproduce.plan import ReproPlan, Variant, default_variants
