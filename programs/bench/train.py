@@ -17,6 +17,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from app.fusion.config import get_fusion_config
+from app.fusion.recipe import PAPER_RECIPE
 from app.fusion.train import TrainingPairs, TrainOptions, precompute_neighbours, train_fusion
 from app.memory.exact import ExactIndex, StorageDtype
 from app.schemas import Modality
@@ -39,7 +40,7 @@ def run_train_bench(
     dim: int = 512,
     batch_size: int = 1024,
     epochs: int = 2,
-    k: int = 10,
+    k: int = PAPER_RECIPE.k,
     fusion_config: str = "reco-fusion-b",
     dtype: StorageDtype = "float32",
     threads: int | None = None,

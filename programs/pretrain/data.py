@@ -1,4 +1,5 @@
-"""Training data for the base model: manifest rows, a decoded uint8 image cache, cached caption features.
+"""Training data for the base model: manifest rows (read by app/manifest.py), a decoded uint8 image cache,
+cached caption features.
 
 Decoding JPEGs and running the frozen text tower cost more than a training step of a small image
 tower, so both are done once and kept under a cache folder (never in git); a cache file's name carries
@@ -7,7 +8,6 @@ a fingerprint of everything it depends on, so a changed input makes a new file i
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 from collections.abc import Callable, Sequence
@@ -21,6 +21,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from app.imaging import open_image_safely
+from app.manifest import ManifestError
+from app.manifest import read_manifest as read_rows
 
 
 @dataclass(frozen=True)
@@ -32,28 +34,21 @@ class ManifestRow:
 
 
 def read_manifest(path: Path, split: str | None = None) -> list[ManifestRow]:
-    """Rows of a ``manifest.csv`` (image, caption, label, split); image paths made absolute."""
-    path = Path(path)
-    base = path.parent.resolve()  # once: resolving every row's path costs seconds on 40k rows
+    """Rows of a dataset's ``manifest.csv`` (of ``split`` when given) through the core's reader
+    (:func:`app.manifest.read_manifest`): image paths resolved and confined to the manifest's folder.
+
+    A training or evaluation set is used whole, so a row the core refuses (a path outside the folder, a bad
+    label, a broken line) stops the read with :class:`~app.manifest.ManifestError` instead of being skipped.
+    """
     rows: list[ManifestRow] = []
-    with open(path, newline="", encoding="utf-8") as fh:
-        for rec in csv.DictReader(fh):
-            if split is not None and rec.get("split", "") != split:
-                continue
-            label = rec.get("label", "")
-            rows.append(
-                ManifestRow(
-                    image=base / rec["image"],
-                    caption=rec.get("caption", "") or "",
-                    label=int(label) if label not in ("", None) else None,
-                    split=rec.get("split", "") or "",
-                )
-            )
+    for row in read_rows(Path(path)):
+        if row.problem is not None or row.path is None:
+            detail = row.problem[1] if row.problem else "no local image path"
+            raise ManifestError(f"{row.source}: {detail}")
+        if split is not None and (row.split or "") != split:
+            continue
+        rows.append(ManifestRow(image=row.path, caption=row.caption, label=row.label, split=row.split or ""))
     return rows
-
-
-def read_classes(dataset_dir: Path) -> list[str]:
-    return [line.strip() for line in (Path(dataset_dir) / "classes.txt").read_text().splitlines() if line.strip()]
 
 
 @dataclass(frozen=True)

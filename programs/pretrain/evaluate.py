@@ -15,7 +15,8 @@ import numpy as np
 from tqdm import tqdm
 
 from app.encoder.base import Encoder
-from programs.pretrain.data import CaptionedImages, load_image, read_classes, read_manifest
+from app.manifest import load_classes
+from programs.pretrain.data import CaptionedImages, load_image, read_manifest
 
 RECALL_KS = (1, 5, 10)
 ZERO_SHOT_SETS = ("imagenette", "cifar10", "cub100", "flowers12")
@@ -106,7 +107,7 @@ def zero_shot_top1(
 ) -> dict[str, Any]:
     dataset_dir = Path(dataset_dir)
     rows = [r for r in read_manifest(dataset_dir / "manifest.csv", split) if r.label is not None]
-    classes = read_classes(dataset_dir)
+    classes = load_classes(dataset_dir / "classes.txt")
     class_emb = class_text_embeddings(encoder, classes, templates_for(dataset_dir.name))
     image_emb = encode_image_files(encoder, [r.image for r in rows], progress=progress, desc=f"{dataset_dir.name}")
     predicted = (image_emb @ class_emb.T).argmax(axis=1)

@@ -2,8 +2,11 @@
 
 ``plan`` says what is run (seeds, variants, recipe), ``data`` encodes the datasets once per encoder,
 ``memory`` builds the generic and generic+domain memories without near-duplicates of the evaluation
-images, ``runner`` trains and evaluates every variant, ``aggregate`` reduces over seeds and
-``report`` writes ``docs/reproduction.json``, ``docs/reproduction.md`` and the plots.
+images, ``workspace`` gathers them with the evaluation sets, ``runner`` trains (``training``) and
+evaluates (``evaluation``) every variant and measures the reasons (``diagnostics``), ``aggregate``
+reduces over seeds and ``report`` writes ``docs/reproduction.json``, ``docs/reproduction.md`` and the
+plots (``plots``; the sections in ``tables``, ``recipe_sections`` and ``conclusions``, read from the
+results through ``readout``).
 """
 
 from programs.reproduce.plan import ReproPlan, Variant, default_variants

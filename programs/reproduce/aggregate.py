@@ -78,11 +78,3 @@ def aggregate(rows: Iterable[Row]) -> list[Row]:
             record["chosen_modes"] = [m["chosen_mode"] for m in sorted(members, key=lambda m: m["seed"])]
         out.append(record)
     return out
-
-
-def lookup(results: Iterable[Row], **where: Any) -> Row | None:
-    """The one aggregated row matching ``where`` (None when absent)."""
-    found = [r for r in results if all(r.get(k) == v for k, v in where.items())]
-    if len(found) > 1:
-        raise ValueError(f"{len(found)} rows match {where}")
-    return found[0] if found else None

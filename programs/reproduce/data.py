@@ -19,8 +19,9 @@ from tqdm.auto import tqdm
 
 from app.encoder.base import Encoder
 from app.evaluation.near_duplicates import dhash
+from app.manifest import load_classes
 from app.services.method_common import safe_name
-from programs.pretrain.data import ManifestRow, fingerprint, load_image, read_classes, read_manifest
+from programs.pretrain.data import ManifestRow, fingerprint, load_image, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def encode_dataset(
     """Encode (or load from the cache) every image and caption of one dataset."""
     dataset_dir = Path(dataset_dir)
     name = dataset_dir.name
-    classes = read_classes(dataset_dir) if (dataset_dir / "classes.txt").is_file() else None
+    classes = load_classes(dataset_dir / "classes.txt") if (dataset_dir / "classes.txt").is_file() else None
     target = cache_file(cache_dir, encoder.encoder_id, dataset_dir, limit)
     if target.is_file():
         with np.load(target, allow_pickle=False) as z:

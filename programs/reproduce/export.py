@@ -15,7 +15,8 @@ from app.fusion.checkpoint import CheckpointMeta, save_checkpoint
 from app.services.method_common import safe_name
 from programs.reproduce.aggregate import choose_modes
 from programs.reproduce.plan import GENERIC, ReproPlan
-from programs.reproduce.runner import GENERIC_SET, RunOutput, Workspace, calibration_key
+from programs.reproduce.runner import RunOutput, calibration_key
+from programs.reproduce.workspace import GENERIC_SET, Workspace
 
 LABELS = {"cub100": "CUB-100", "flowers12": "Flowers-12", "imagenette": "Imagenette", "cifar10": "CIFAR-10"}
 

@@ -13,7 +13,8 @@ import torch
 from app.encoder.base import Encoder
 from programs.reproduce.plan import ReproPlan
 from programs.reproduce.report import write_report
-from programs.reproduce.runner import RunOutput, Workspace, prepare, run_plan
+from programs.reproduce.runner import RunOutput, run_plan
+from programs.reproduce.workspace import Workspace, prepare
 
 log = logging.getLogger(__name__)
 

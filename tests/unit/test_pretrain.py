@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import os
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from app.encoder import EncoderLoadError, OpenClipEncoder
 from app.encoder.weights import PRETRAINED_DIR, REGISTERED_TAGS, checkpoint_metadata, file_sha256
+from app.manifest import ManifestError
 from programs.pretrain.augment import AugmentCfg, augment_batch, centre_batch
 from programs.pretrain.data import CaptionedImages, cached_image_array, read_manifest
 from programs.pretrain.evaluate import evaluate_retrieval, retrieval_recalls
@@ -24,6 +26,27 @@ from programs.pretrain.train import PretrainConfig, train_base_model
 
 MODEL = "reco-base"
 TINY_SIZE = 32  # the conv tower runs at any size; mechanics tests train at 32 px to stay fast
+
+
+def test_manifests_are_read_by_the_core_as_the_plain_csv_says(shared_data_dir: Path, tmp_path: Path) -> None:
+    """Every row of every shared set, in order, with its caption, label and split, and the image beside the manifest
+    (the core's reader, app/manifest.py); a row whose image lies outside the dataset's folder stops the read."""
+    for name in ("flickr8k", "cub100", "imagenette", "cifar10", "flowers12", "clothing10"):
+        manifest = shared_data_dir / name / "manifest.csv"
+        with open(manifest, newline="", encoding="utf-8") as fh:
+            plain = list(csv.DictReader(fh))
+        base = manifest.parent.resolve()
+        expected = [(base / p["image"], p["caption"], int(p["label"]) if p["label"] else None, p["split"])
+                    for p in plain]
+        assert [(r.image, r.caption, r.label, r.split) for r in read_manifest(manifest)] == expected, name
+        if name == "flowers12":  # one split of a small set
+            assert [r.image for r in read_manifest(manifest, "test")] == [e[0] for e in expected if e[3] == "test"]
+    folder = tmp_path / "set"
+    (folder / "images").mkdir(parents=True)
+    (folder / "manifest.csv").write_text("image,caption,label,split\nimages/a.jpg,a cat,0,train\n"
+                                         "../outside.jpg,an escape,0,train\n")
+    with pytest.raises(ManifestError, match="outside"):
+        read_manifest(folder / "manifest.csv")
 
 
 @pytest.fixture(scope="module")

@@ -23,10 +23,13 @@ from app.schemas import Modality
 from app.zeroshot import caption_like_set, resolve_templates
 from programs.reproduce.aggregate import aggregate, choose_modes, with_best_rows
 from programs.reproduce.data import EncodedSet, held_out
+from programs.reproduce.evaluation import knn_vote_logits
 from programs.reproduce.memory import EvalImages, MemoryRows, clean_memory
 from programs.reproduce.plan import ALL_MEMORIES, ReproPlan, default_variants, extended_variants
 from programs.reproduce.report import REQUIRED_KEYS, build_results, render_from_json, write_report
-from programs.reproduce.runner import NeighbourCache, knn_vote_logits, prepare, run_plan, train_variant
+from programs.reproduce.runner import run_plan
+from programs.reproduce.training import train_variant
+from programs.reproduce.workspace import NeighbourCache, prepare
 
 DIM = 32
 
