@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Any
 
 from app.services.reembed import (
     ReembedService,
-    encoder_for,
     live_version,
     missing_from_live,
     seed_of,
@@ -20,15 +19,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_encoders: dict[tuple[str, str, int | None], Encoder] = {}
-
-
 def _encoder(runtime: WorkerRuntime, model: str, pretrained: str, seed: int | None) -> Encoder:
-    key = (model, pretrained, seed)
-    if key not in _encoders:
-        _encoders.clear()  # one target at a time: do not keep a large model around
-        _encoders[key] = encoder_for(runtime.settings, model, pretrained, seed)
-    return _encoders[key]
+    return runtime.target_encoder(model, pretrained, seed)  # the runtime keeps one target's encoder at a time
 
 
 def reembed_slice(runtime: WorkerRuntime, model: str, pretrained: str, seed: int | None, *, swap: bool,

@@ -68,6 +68,8 @@ class WorkerRuntime:
         self._pool: ThreadPoolExecutor | None = None
         self._refine: Any = None
         self._indexer: Any = None
+        self._target_lock = threading.Lock()
+        self._target: tuple[tuple[str, str, int | None], Encoder] | None = None  # a re-embedding's encoder
 
     @property
     def sender(self) -> CeleryTaskSender:
@@ -82,6 +84,18 @@ class WorkerRuntime:
         if live is None:
             return create_encoder(self.settings)
         return encoder_for(self.settings, live.model, live.pretrained, seed_of(live.encoder_id))
+
+    def target_encoder(self, model: str, pretrained: str, seed: int | None) -> Encoder:
+        """The encoder of a re-embedding target, kept while the target stays the same: one target at a time,
+        the previous one dropped before the next loads (a large model is not kept around)."""
+        from app.services.reembed import encoder_for
+
+        key = (model, pretrained, seed)
+        with self._target_lock:
+            if self._target is None or self._target[0] != key:
+                self._target = None
+                self._target = (key, encoder_for(self.settings, model, pretrained, seed))
+            return self._target[1]
 
     def ingest_service(self) -> IngestService:
         """The ingest service for the live version, rebuilt when the live version changed."""

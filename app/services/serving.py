@@ -37,7 +37,7 @@ from app.refine import Refiner, refiner_from_checkpoint
 from app.schemas import JobStatus, Modality, RefineMode
 from app.services.memory_map import MapQuery, MemoryMap, memory_map
 from app.services.method_common import MethodError, checkpoint_label, resolve_checkpoint, resolve_device
-from app.services.predict import ClassScore, PredictRequest, predict_image
+from app.services.predict import ClassScore, PredictCaches, PredictRequest, predict_image
 from app.services.search import SearchRequest, SearchResult, SearchService, default_target
 from app.services.status import memory_status
 from app.zeroshot import ClassEmbeddingCache
@@ -318,9 +318,8 @@ class ServingService:
         self._given_encoder = encoder
         self._encoders: dict[str, Encoder] = {}
         self.limits = ImageLimits.from_settings(settings)
-        from app.services.predict import _cache
-
-        self.class_cache: ClassEmbeddingCache = _cache(settings)  # the one predictions use (rows and sets)
+        self.predict_caches = PredictCaches()  # this service's class embeddings and loaded fusion models
+        self.class_cache: ClassEmbeddingCache = self.predict_caches.class_cache(settings)  # predictions use it
         self._lock = threading.RLock()
         self._live: _Live | None = None
         self._checked_at = 0.0
@@ -416,7 +415,6 @@ class ServingService:
         for modes text/both the refined ones — batched, cached on disk across restarts. ``progress(done, total)``
         counts class embeddings (twice the classes when the prompts are refined). A front end prepares a large
         set in chunks of labels to show a progress bar; the full set is then assembled from the chunks' rows."""
-        from app.services.predict import _cache
         from app.zeroshot import ZeroShotClassifier
 
         started = time.perf_counter()
@@ -425,7 +423,7 @@ class ServingService:
         k = query.k or self.settings.k_infer
         refines = query.mode in (RefineMode.TEXT, RefineMode.BOTH) and live.refiner is not None
         total = len(classes) * (2 if refines else 1)
-        cache = _cache(self.settings)
+        cache = self.predict_caches.class_cache(self.settings)
         hits = cache.hits
         clip = ZeroShotClassifier(classes, live.encoder, templates=query.templates, cache=cache)
         clip.class_embeddings(RefineMode.CLIP, progress=lambda d, _t: progress and progress(d, total))
@@ -455,7 +453,8 @@ class ServingService:
                 request = PredictRequest(image_bytes=b"", classes=classes, mode=mode, k=k, top=query.top,
                                          templates=query.templates)
                 return predict_image(self.settings, request, encoder=live.encoder, memory=live.memory,
-                                     session_factory=self.repo.session_factory, refiner=loaded, image_vector=v)
+                                     session_factory=self.repo.session_factory, refiner=loaded, image_vector=v,
+                                     caches=self.predict_caches)
 
             clip = run(RefineMode.CLIP)
             answer = PredictionOut(name=name, clip=clip.predictions, mode=query.mode, k=k,

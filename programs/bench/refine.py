@@ -162,7 +162,7 @@ def class_set_preparation(root: Path, encoder: OpenClipEncoder, index: Any, imag
     serving service does (``RECO_ENCODE_BATCH_SIZE``)."""
     from app.services import predict as predict_module
     from app.services.method_common import session_factory_for
-    from app.services.predict import PredictRequest, predict_image
+    from app.services.predict import PredictCaches, PredictRequest, predict_image
     from app.zeroshot import ZeroShotClassifier, resolve_templates
 
     settings = get_settings(data_dir=root / "class-sets", database_url=None, qdrant_url=None,
@@ -174,32 +174,34 @@ def class_set_preparation(root: Path, encoder: OpenClipEncoder, index: Any, imag
     encoder.batch_size = settings.encode_batch_size
     out: dict[str, Any] = {"templates": len(resolve_templates(None)), "encode_batch_size": encoder.batch_size,
                            "memory_size": index.count(), "threads": torch.get_num_threads()}
+    caches = PredictCaches()
     try:
         refiner, label = predict_module._load_refiner(
-            settings, PredictRequest(image_bytes=b"", classes=["x"], k=k), encoder.encoder_id, index, factory)
+            settings, PredictRequest(image_bytes=b"", classes=["x"], k=k), encoder.encoder_id, index, factory,
+            caches)
         assert refiner is not None
         labels = thousand_labels(settings)
-        predict_module._caches.clear()
+        caches.forget_classes()
         start = time.perf_counter()
         for refined in (False, True):
             ZeroShotClassifier(labels, encoder, refiner=refiner if refined else None,
                                checkpoint_id=label or "none" if refined else "none",
-                               cache=predict_module._cache(settings)).class_embeddings(
+                               cache=caches.class_cache(settings)).class_embeddings(
                 RefineMode.TEXT if refined else RefineMode.CLIP)
         out["labels_1000_s"] = round(time.perf_counter() - start, 3)
         cub = Path(settings.shared_data) / "cub100" / "classes.txt"
         if cub.is_file():
             classes = [ln.strip() for ln in cub.read_text().splitlines() if ln.strip()]
-            predict_module._caches.clear()
+            caches.forget_classes()
             start = time.perf_counter()
             for mode in (RefineMode.CLIP, RefineMode.BOTH):  # what the serving service runs for one image
                 predict_image(settings, PredictRequest(image_bytes=image, classes=classes, mode=mode, k=k),
-                              encoder=encoder, memory=index, session_factory=factory)
+                              encoder=encoder, memory=index, session_factory=factory, caches=caches)
             out["cub100_first_prediction_s"] = round(time.perf_counter() - start, 3)
             out["cub100_classes"] = len(classes)
     finally:
         encoder.batch_size = previous_batch
-        predict_module._caches.clear()
+        caches.forget_classes()
     return out
 
 
@@ -236,12 +238,13 @@ def _timed_predictions(
 ) -> dict[str, list[float]]:
     """Per image, in rotating order: CLIP, then RECO over each index (seconds per request)."""
     from app.services.method_common import session_factory_for
-    from app.services.predict import PredictRequest, predict_image
+    from app.services.predict import PredictCaches, PredictRequest, predict_image
 
     settings = get_settings(data_dir=root, database_url=None, qdrant_url=None, clip_model=encoder.model_name,
                             clip_pretrained=encoder.pretrained, k_infer=k, device=encoder.device.type)
     register_random_fusion(settings, encoder, indexes[next(iter(indexes))])
     factory = session_factory_for(settings)
+    caches = PredictCaches()  # kept across the calls, as the serving service keeps its own
     classes = _classes(settings)
     legs: list[tuple[str, RefineMode, Any]] = [("clip", RefineMode.CLIP, None)]
     legs += [(f"reco-{d}", RefineMode.BOTH, index) for d, index in indexes.items()]
@@ -249,7 +252,7 @@ def _timed_predictions(
     def predict(data: bytes, mode: RefineMode, memory: Any) -> float:
         request = PredictRequest(image_bytes=data, classes=classes, mode=mode, top=5, k=k)
         start = time.perf_counter()
-        predict_image(settings, request, encoder=encoder, memory=memory, session_factory=factory)
+        predict_image(settings, request, encoder=encoder, memory=memory, session_factory=factory, caches=caches)
         return time.perf_counter() - start
 
     for _, mode, memory in legs:  # untimed: class embeddings and the fusion model get cached
