@@ -76,12 +76,13 @@ class WorkerRuntime:
     def _live_encoder(self) -> Encoder:
         from app.db.repo import MetadataRepo
         from app.encoder import create_encoder
-        from app.services.reembed import encoder_for, live_version, seed_of
+        from app.encoder_identity import EncoderId
+        from app.services.reembed import encoder_for, live_version
 
         live = live_version(MetadataRepo.from_url(self.settings.resolved_database_url))
         if live is None:
             return create_encoder(self.settings)
-        return encoder_for(self.settings, live.model, live.pretrained, seed_of(live.encoder_id))
+        return encoder_for(self.settings, EncoderId.of_version(live))
 
     def ingest_service(self) -> IngestService:
         """The ingest service for the live version, rebuilt when the live version changed."""
