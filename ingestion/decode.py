@@ -26,6 +26,7 @@ from PIL import Image
 from app.imaging import ImageLimits, ImageRejected, PixelBudget, open_image_safely, open_regular_file, read_capped
 from app.manifest import InputRow
 from app.schemas import RejectReason
+from app.services.ingest_write import FailedInput
 
 URL_TIMEOUT_S = 15.0
 
@@ -42,11 +43,8 @@ class Decoded:
         return self.row.source
 
 
-@dataclass(frozen=True)
-class Rejected:
-    source: str
-    reason: RejectReason
-    detail: str
+# A row that could not be decoded: the one failure type of ingestion (source, reason, detail).
+Rejected = FailedInput
 
 
 class FileRejected(Exception):

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from tqdm import tqdm
 
 from app.db.repo import MetadataRepo
+from app.encoder_identity import EncoderId
 from app.imaging import ImageLimits
 from app.manifest import InputRow, ManifestError
 from app.schemas import JobStatus
@@ -66,7 +67,7 @@ def job_encoder_label(settings: Settings, repo: MetadataRepo) -> str:
     live = next((v for v in repo.versions() if v.is_live), None)
     if live is not None:
         return live.encoder_id
-    return f"{settings.clip_model}/{settings.clip_pretrained or 'random'}"
+    return EncoderId(settings.clip_model, settings.clip_pretrained).label
 
 
 def dispatch_source(
@@ -154,7 +155,6 @@ def make_decoder(
 ) -> Callable[[Sequence[InputRow]], list[PreparedItem | FailedInput]]:
     """Rows → decoded, preprocessed inputs, in ``pool`` (``decode_workers`` threads) when given."""
     from app.imaging import PixelBudget
-    from app.services.ingest import FailedInput
 
     limits = ImageLimits.from_settings(settings)
     budget = PixelBudget(settings.ingest_max_rss_mb * 1024 * 1024 // 4)  # as in ingestion.pipeline
@@ -163,7 +163,7 @@ def make_decoder(
     def one(row: InputRow) -> PreparedItem | FailedInput:
         outcome = decode_row(row, limits, fit=fit, budget=budget)  # downscaled right after decoding
         if isinstance(outcome, Rejected):
-            return FailedInput(outcome.source, outcome.reason, outcome.detail)
+            return outcome  # the same type: a decode failure is an ingest failure as it is
         return _prepared(outcome, encoder)
 
     def decode(rows: Sequence[InputRow]) -> list[PreparedItem | FailedInput]:

@@ -51,13 +51,14 @@ def _collection_exists(memory: VectorMemory) -> bool:
 def live_encoder(settings: Settings, repo: MetadataRepo) -> Encoder:
     """The encoder of the live version (not necessarily the configured one), else the configured one."""
     from app.encoder import create_encoder
-    from app.services.reembed import encoder_for, live_version, seed_of
+    from app.encoder_identity import EncoderId
+    from app.services.reembed import encoder_for, live_version
 
     live = live_version(repo)
     configured = create_encoder(settings)
     if live is None or live.encoder_id == configured.encoder_id:
         return configured
-    return encoder_for(settings, live.model, live.pretrained, seed_of(live.encoder_id))
+    return encoder_for(settings, EncoderId.of_version(live))
 
 
 def restore_lost_vectors(

@@ -335,7 +335,8 @@ class ServingService:
 
     # --- live version, encoder, refiner ------------------------------------------------------------------
     def _encoder_for(self, version: EmbeddingVersion | None) -> Encoder:
-        from app.services.reembed import encoder_for, seed_of
+        from app.encoder_identity import EncoderId
+        from app.services.reembed import encoder_for
 
         given = self._given_encoder
         if version is None or (given is not None and given.encoder_id == version.encoder_id):
@@ -344,8 +345,7 @@ class ServingService:
             return given
         if version.encoder_id not in self._encoders:
             self._encoders.clear()  # one live encoder at a time
-            self._encoders[version.encoder_id] = encoder_for(self.settings, version.model, version.pretrained,
-                                                             seed_of(version.encoder_id))
+            self._encoders[version.encoder_id] = encoder_for(self.settings, EncoderId.of_version(version))
         return self._encoders[version.encoder_id]
 
     def live(self, *, max_age_s: float = 1.0) -> _Live:

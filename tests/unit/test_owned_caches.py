@@ -38,23 +38,25 @@ def test_prediction_caches_are_per_owner(tmp_path: Path) -> None:
 
 
 def test_the_runtime_keeps_one_target_encoder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from app.encoder_identity import EncoderId
     from app.services import reembed
     from workers import maintenance
     from workers.runtime import WorkerRuntime
 
     built: list[tuple[str, str, int | None]] = []
 
-    def encoder_for(settings: Settings, model: str, pretrained: str, seed: int | None) -> Any:
-        built.append((model, pretrained, seed))
+    def encoder_for(settings: Settings, identity: EncoderId) -> Any:
+        built.append((identity.model, identity.pretrained, identity.seed))
         return object()
 
     monkeypatch.setattr(reembed, "encoder_for", encoder_for)
     settings = Settings(data_dir=tmp_path, precision="fp32")
     no_app: Any = None  # the runtime's Celery app is not needed to hold an encoder
     runtime, other = WorkerRuntime(settings, no_app), WorkerRuntime(settings, no_app)
-    first = maintenance._encoder(runtime, "m", "p", 0)
-    assert maintenance._encoder(runtime, "m", "p", 0) is first and built == [("m", "p", 0)]
-    maintenance._encoder(other, "m", "p", 0)  # another process's runtime builds its own
+    m_p_0, m_p_1 = EncoderId("m", "p", 0), EncoderId("m", "p", 1)
+    first = maintenance._encoder(runtime, m_p_0)
+    assert maintenance._encoder(runtime, EncoderId("m", "p", 0)) is first and built == [("m", "p", 0)]
+    maintenance._encoder(other, m_p_0)  # another process's runtime builds its own
     assert len(built) == 2
-    assert maintenance._encoder(runtime, "m", "p", 1) is not first  # a new target replaces the old one
-    assert maintenance._encoder(runtime, "m", "p", 0) is not first and len(built) == 4
+    assert maintenance._encoder(runtime, m_p_1) is not first  # a new target replaces the old one
+    assert maintenance._encoder(runtime, m_p_0) is not first and len(built) == 4
