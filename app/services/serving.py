@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from app.memory.per_image import first_per_image
 from app.schemas import Modality, RefineMode
 from app.services.search import SearchResult, SearchService, default_target
 from app.services.serving_items import ItemServing
@@ -121,10 +122,7 @@ class ServingService(PredictServing, ItemServing, JobServing):
         """The hits as results: one per image (best score first, all its captions) unless asked otherwise."""
         results = [neighbour_of(r) for r in found]
         if query.distinct_images:
-            grouped: dict[str, NeighbourOut] = {}
-            for r in results:
-                grouped.setdefault(r.image_hash or r.item_id, r)
-            results = list(grouped.values())[: query.k]
+            results = first_per_image(results, lambda r: r.image_hash or r.item_id)[: query.k]
             captions = self.repo.captions_of_images([r.image_hash for r in results if r.image_hash])
             for r in results:
                 r.captions = captions.get(r.image_hash or "", []) or ([r.caption] if r.caption else [])
