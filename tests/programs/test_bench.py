@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-import app.memory.exact as exact_module
+import app.memory.exact_knn as exact_knn_module
 from app.memory.base import ItemPayload
 from app.memory.exact import ExactIndex
 from app.memory.payload_file import LazyPayloads
@@ -174,9 +174,9 @@ def test_float16_direct_product_gives_the_converting_paths_neighbours(monkeypatc
     allowed = np.ones(n, bool)
     allowed[::7] = False
     kwargs = {"exclude_ids": [[ids[i]] for i in range(5)], "allowed": allowed}
-    monkeypatch.setattr(exact_module, "HALF_DIRECT_MAX_QUERIES", 0)
+    monkeypatch.setattr(exact_knn_module, "HALF_DIRECT_MAX_QUERIES", 0)
     ref_scores, ref_rows = index.knn(queries, Modality.IMAGE, 10, **kwargs)
-    monkeypatch.setattr(exact_module, "HALF_DIRECT_MAX_QUERIES", 16)
+    monkeypatch.setattr(exact_knn_module, "HALF_DIRECT_MAX_QUERIES", 16)
     scores, rows = index.knn(queries, Modality.IMAGE, 10, **kwargs)
     np.testing.assert_array_equal(rows, ref_rows)
     np.testing.assert_allclose(scores, ref_scores, atol=1e-6)

@@ -50,13 +50,14 @@ def test_trimmed_text_encoding_is_the_full_pass() -> None:
     """Prompts batched by length and each batch cut to its longest prompt give CLIP's 77-token features."""
     import torch
 
-    from app.encoder.openclip import OpenClipEncoder, _trimmable_text_tower, l2_normalise
+    from app.encoder.openclip import OpenClipEncoder, l2_normalise
+    from app.encoder.text_trim import trimmable_text_tower
 
     encoder = OpenClipEncoder("reco-tiny", "", device="cpu", batch_size=4)
     texts = ["a photo of a hat.", "a much longer prompt about a striped long-sleeve shirt on a wooden floor " * 3,
              "dress", "itap of a t-shirt.", "a photo of a laysan albatross, a type of bird.", "x", "shoes"]
     encoder.encode_texts(["warm-up"])
-    assert _trimmable_text_tower(encoder._model)
+    assert trimmable_text_tower(encoder._model)
     with torch.inference_mode():
         full = l2_normalise(encoder._model.encode_text(encoder._tokenizer(texts)))
     np.testing.assert_allclose(encoder.encode_texts(texts), full, atol=1e-5)
