@@ -213,9 +213,11 @@ class OpenClipEncoder:
             raise EncoderLoadError(str(exc)) from exc
         apply_runtime(model, runtime)
         self._runtime = runtime
-        self._model = model
         self._preprocess = preprocess
         self._tokenizer = open_clip.get_tokenizer(self.model_name)
+        # last: `_model` is what _ensure_loaded checks without the lock, so everything else is set before it
+        # (a request racing the warm-up thread once found the model but not yet the tokenizer)
+        self._model = model
 
     def _load_open_clip_tag(self) -> tuple[Any, Any]:
         """open_clip loads its tags weights-only and applies the tag's mean/std/resize."""
