@@ -15,14 +15,15 @@ RUN useradd --create-home --uid 1000 reco \
 WORKDIR /app
 # dependencies first (a layer that survives source edits), then the code
 COPY pyproject.toml README.md ./
-RUN mkdir -p app ingestion workers ui api && touch app/__init__.py ingestion/__init__.py workers/__init__.py \
-       ui/__init__.py api/__init__.py \
+RUN mkdir -p app ingestion workers ui api programs && touch app/__init__.py ingestion/__init__.py workers/__init__.py \
+       ui/__init__.py api/__init__.py programs/__init__.py \
     && pip install . && pip uninstall -y reco-memory-service
 COPY app ./app
 COPY ingestion ./ingestion
 COPY workers ./workers
 COPY ui ./ui
 COPY api ./api
+COPY programs ./programs
 # the demo's bundled sample (Clothing-10, CC0; sample/clothing10/SOURCE.md): `reco demo` works in the container
 COPY sample ./sample
 COPY migrations ./migrations

@@ -13,6 +13,8 @@ from platformdirs import user_data_dir
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.fusion.recipe import PAPER_RECIPE
+
 Device = Literal["auto", "cpu", "cuda"]
 
 
@@ -124,7 +126,7 @@ class Settings(BaseSettings):
     fusion_checkpoint: str = Field(
         default="", description="Fusion checkpoint file; empty = newest registered for the live encoder."
     )
-    k_train: int = Field(default=10, ge=1, description="Neighbours per query during training (k).")
+    k_train: int = Field(default=PAPER_RECIPE.k, ge=1, description="Neighbours per query during training (k).")
     k_infer: int = Field(default=10, ge=1, description="Neighbours per query at inference (k').")
     search_modality: Literal["uni", "cross"] = "uni"
     fusion_modality: Literal["cross", "uni"] = "cross"
@@ -136,13 +138,13 @@ class Settings(BaseSettings):
         "evaluation image; None = calibrated from the encoder's own similarity distribution.",
     )
 
-    # --- fusion training (paper recipe: AdamW, lr 1e-3 cosine, wd 1e-5, batch 4096, 10 epochs) ---
-    train_lr: float = 1e-3
-    train_weight_decay: float = 1e-5
-    train_batch_size: int = 4096
-    train_epochs: int = 10
-    train_warmup_steps: int = 50
-    train_seed: int = 0
+    # --- fusion training: defaults from the paper recipe (app/fusion/recipe.py) ---
+    train_lr: float = PAPER_RECIPE.lr
+    train_weight_decay: float = PAPER_RECIPE.weight_decay
+    train_batch_size: int = PAPER_RECIPE.batch_size
+    train_epochs: int = PAPER_RECIPE.epochs
+    train_warmup_steps: int = PAPER_RECIPE.warmup_steps
+    train_seed: int = PAPER_RECIPE.seed
 
     # --- workers ---------------------------------------------------------------------------------
     embed_max_batch: int = Field(default=64, ge=1, description="Micro-batch: flush at N items ...")

@@ -21,6 +21,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from app.db.errors import database_line, is_database_failure
+
 USAGE = 2
 ENVIRONMENT = 1
 
@@ -198,10 +200,8 @@ def _classify(exc: BaseException, data_dir: Any) -> tuple[str, int]:  # noqa: C9
         return text, code
     for link in chain:
         mod = type(link).__module__
-        if mod.startswith("sqlalchemy") and type(link).__name__ in ("OperationalError", "InterfaceError"):
-            return _database_line(link), ENVIRONMENT
-        if mod.startswith("psycopg") and type(link).__name__ == "OperationalError":
-            return _database_line(link), ENVIRONMENT
+        if is_database_failure(link):
+            return database_line(link), ENVIRONMENT
         if mod.startswith(("kombu", "redis", "amqp")) or type(link).__name__ == "OperationalError" and \
                 mod.startswith("celery"):
             return (f"the message broker does not answer ({type(link).__name__}: {_first_line(link)}): start "
@@ -235,25 +235,6 @@ def _first(chain: list[BaseException], name: str) -> BaseException | None:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else ""
-
-
-def _database_line(exc: BaseException) -> str:
-    orig = getattr(exc, "orig", None) or exc
-    text = " ".join(str(orig).split())
-    text = re.sub(r"\(Background on this error at: [^)]*\)", "", text).strip()
-    text = text.split("[SQL:")[0].strip()
-    hint = "start the database or fix RECO_DATABASE_URL"
-    lowered = text.lower()
-    if "no such table" in lowered or ("relation" in lowered and "does not exist" in lowered):
-        return ("the metadata database has no schema yet: ingest something first (`reco ingest SOURCE`) or run "
-                "`reco db upgrade`")
-    if "readonly" in lowered or "read-only" in lowered:
-        hint = "the database file is read-only: make the data dir writable or set RECO_DATA_DIR elsewhere"
-    elif "unable to open database file" in lowered:
-        hint = "the database file cannot be created: check RECO_DATA_DIR (a writable folder)"
-    elif "disk" in lowered and "full" in lowered:
-        hint = "the disk is full: free space or set RECO_DATA_DIR elsewhere"
-    return f"the metadata database failed: {text[:300]}: {hint}"
 
 
 _NETWORK_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ETIMEDOUT, errno.ECONNRESET,

@@ -11,7 +11,7 @@ import io
 import os
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,26 +98,48 @@ def read_image_file(path: str | Path, max_bytes: int) -> bytes:
     a read; the descriptor is stat-ed again, and at most ``max_bytes + 1`` bytes are ever read.
     """
     shown = str(path)
+
+    def check(info: os.stat_result) -> None:
+        _require_regular(info, max_bytes, shown)
+
     try:
-        _require_regular(os.stat(path), max_bytes, shown)
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0))
+        fd = open_regular_file(path, check)
     except FileNotFoundError as exc:
         raise ImageRejected(RejectReason.MISSING, f"{shown}: no such file") from exc
     except OSError as exc:
         raise ImageRejected(RejectReason.MISSING, f"{shown}: unreadable ({exc.strerror or exc})") from exc
+    data = read_capped(fd, max_bytes, check)
+    if data is None:
+        raise ImageRejected(RejectReason.TOO_LARGE, f"{shown} grew past the cap of {max_bytes} bytes while read")
+    return data
+
+
+StatCheck = Callable[[os.stat_result], None]  # raises to refuse a file by its stat
+_READ_CHUNK = 1 << 20
+
+
+def open_regular_file(path: str | Path, check: StatCheck) -> int:
+    """A descriptor of ``path`` opened for reading, never blocking: ``check`` judges the path's stat first, so
+    a FIFO or a device refused by it is never opened. An ``OSError`` (no such file, no permission) propagates."""
+    check(os.stat(path))
+    return os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0))
+
+
+def read_capped(fd: int, max_bytes: int, check: StatCheck) -> bytes | None:
+    """The bytes behind ``fd`` (closed after): ``check`` judges the open descriptor's stat first (the file
+    checked is the file read), then at most ``max_bytes + 1`` bytes are read, even from a file that grows
+    meanwhile. None when it held more than ``max_bytes``."""
     with os.fdopen(fd, "rb", buffering=0) as handle:
-        _require_regular(os.fstat(handle.fileno()), max_bytes, shown)
+        check(os.fstat(handle.fileno()))
         chunks: list[bytes] = []
         total = 0
         while total <= max_bytes:
-            chunk = handle.read(min(1 << 20, max_bytes + 1 - total))
+            chunk = handle.read(min(_READ_CHUNK, max_bytes + 1 - total))
             if not chunk:
                 break
             chunks.append(chunk)
             total += len(chunk)
-    if total > max_bytes:
-        raise ImageRejected(RejectReason.TOO_LARGE, f"{shown} grew past the cap of {max_bytes} bytes while read")
-    return b"".join(chunks)
+    return None if total > max_bytes else b"".join(chunks)
 
 
 def _require_regular(info: os.stat_result, max_bytes: int, shown: str) -> None:

@@ -8,11 +8,13 @@ The file is read as bytes and decoded record by record: a non-UTF-8 line, an unb
 JSON line, a missing ``image``, a bad label become a row with :attr:`InputRow.problem` and a ``source``
 naming the line. Paths are resolved (symlinks too) and must stay inside the manifest's folder or an allowed
 root. Captions pass as written: control characters, NUL, length are the ingest service's to judge.
+
+The checks every row's fields meet whatever its source are in :mod:`app.manifest_fields`, the splitting of a
+CSV file into records in :mod:`app.manifest_csv`; both are re-exported here.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
@@ -21,26 +23,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from app.manifest_csv import MAX_RECORD_LINES, csv_records
+from app.manifest_fields import (
+    MAX_DATASET_CHARS,
+    MAX_EXTRA_BYTES,
+    MAX_EXTRA_KEY_CHARS,
+    MAX_EXTRA_KEYS,
+    MAX_SOURCE_CHARS,
+    MAX_SPLIT_CHARS,
+    Problem,
+    default_dataset_name,
+    field_problem,
+    printable,
+)
 from app.schemas import RejectReason
 
 MANIFEST_SUFFIXES = frozenset({".csv", ".jsonl", ".ndjson", ".json"})
 KNOWN_COLUMNS = ("image", "caption", "label", "split", "dataset")
-# A quoted CSV field may span lines (captions with newlines); a quote still open this many lines later is
-# taken to be a stray quote on its first line rather than a very long caption.
-MAX_RECORD_LINES = 256
-# Limits every row's fields meet before any database sees them: the same on SQLite and PostgreSQL (the
-# column sizes of app/db/models.py; PostgreSQL refuses NUL in any text, SQLite would store it).
-MAX_DATASET_CHARS = 128
-MAX_SPLIT_CHARS = 32
-MAX_EXTRA_KEYS = 64
-MAX_EXTRA_KEY_CHARS = 64
-MAX_EXTRA_BYTES = 16 * 1024  # the extra columns of one row, as JSON
-MAX_SOURCE_CHARS = 4096
 MAX_CLASSES_FILE_BYTES = 16 * 1024 * 1024
 _URI_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 _BOM = b"\xef\xbb\xbf"
 
-Problem = tuple[RejectReason, str]
+__all__ = [  # the row checks (app.manifest_fields) and the CSV record reader's cap (app.manifest_csv) too
+    "KNOWN_COLUMNS", "MANIFEST_SUFFIXES", "MAX_CLASSES_FILE_BYTES", "MAX_DATASET_CHARS", "MAX_EXTRA_BYTES",
+    "MAX_EXTRA_KEYS", "MAX_EXTRA_KEY_CHARS", "MAX_RECORD_LINES", "MAX_SOURCE_CHARS", "MAX_SPLIT_CHARS", "InputRow",
+    "ManifestError", "PathOutsideRoot", "Problem", "default_dataset_name", "field_problem", "load_classes",
+    "printable", "read_manifest", "resolve_confined",
+]
 
 
 class ManifestError(ValueError):
@@ -69,60 +78,6 @@ class InputRow:
     def failed(cls, source: str, reason: RejectReason, detail: str, dataset: str | None = None) -> InputRow:
         """A row that cannot be used, kept so that its failure is recorded against its source."""
         return cls(source=source, path=None, url=None, caption="", dataset=dataset, problem=(reason, detail))
-
-
-def printable(text: str) -> str:
-    """``text`` safe to log, store and print: undecodable bytes and control characters escaped."""
-    try:  # a file name's undecodable bytes come as surrogate escapes (PEP 383)
-        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a lone surrogate, e.g. from JSON "\ud800"
-        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    if text.isprintable():
-        return text
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
-
-
-def _control_chars(text: str) -> bool:
-    return any(ord(ch) < 32 or ord(ch) == 127 for ch in text)
-
-
-def field_problem(
-    *, dataset: str | None, split: str | None, extra: Mapping[str, object] | None = None,
-) -> Problem | None:
-    """Why a row's metadata cannot be stored (too long, NUL or control characters, too much extra), or None.
-
-    Applied to every row, whatever its source, before the database: the same limits on SQLite and PostgreSQL.
-    """
-    for name, value, cap in (("dataset", dataset, MAX_DATASET_CHARS), ("split", split, MAX_SPLIT_CHARS)):
-        if value is None:
-            continue
-        if "\x00" in value or _control_chars(value):
-            return RejectReason.BAD_ROW, f"{name} contains NUL or control characters: {printable(value)[:80]}"
-        if len(value) > cap:
-            return RejectReason.BAD_ROW, f"{name} is {len(value)} characters > cap {cap}: {printable(value)[:40]}…"
-    if not extra:
-        return None
-    if len(extra) > MAX_EXTRA_KEYS:
-        return RejectReason.BAD_ROW, f"{len(extra)} extra columns > cap {MAX_EXTRA_KEYS}"
-    for key, item in extra.items():
-        if not key or len(key) > MAX_EXTRA_KEY_CHARS or _control_chars(key):
-            return RejectReason.BAD_ROW, (f"extra column name {printable(key)[:40]!r}: empty, over "
-                                          f"{MAX_EXTRA_KEY_CHARS} characters, or with control characters")
-        if isinstance(item, str) and "\x00" in item:
-            return RejectReason.BAD_ROW, f"extra column {printable(key)!r} contains NUL"
-    try:
-        size = len(json.dumps(dict(extra), ensure_ascii=False).encode("utf-8", "surrogatepass"))
-    except (TypeError, ValueError) as exc:
-        return RejectReason.BAD_ROW, f"extra columns are not JSON: {exc}"
-    if size > MAX_EXTRA_BYTES or "\\u0000" in json.dumps(dict(extra)):
-        return RejectReason.BAD_ROW, (f"extra columns are {size} bytes of JSON > cap {MAX_EXTRA_BYTES}"
-                                      if size > MAX_EXTRA_BYTES else "extra columns contain NUL")
-    return None
-
-
-def default_dataset_name(name: str) -> str:
-    """A folder's name as a dataset name: printable, within the cap (a long folder name is cut, not refused)."""
-    return printable(name)[:MAX_DATASET_CHARS]
 
 
 def resolve_confined(base: Path, ref: str, allowed_roots: Sequence[Path] = ()) -> Path:
@@ -249,7 +204,7 @@ def _physical_lines(path: Path, display: str) -> Iterator[bytes]:
 
 
 def _iter_csv(path: Path, ctx: _Context) -> Iterator[InputRow]:
-    records = _csv_records(_physical_lines(path, ctx.display))
+    records = csv_records(_physical_lines(path, ctx.display))
     header = _read_header(records, ctx.display)
     for lineno, fields, problem in records:
         source = f"{ctx.display}:{lineno}"
@@ -278,73 +233,6 @@ def _read_header(records: Iterator[tuple[int, list[str] | None, Problem | None]]
     if duplicates:
         raise ManifestError(f"{display}:{lineno}: duplicate columns {duplicates}")
     return header
-
-
-def _csv_records(lines: Iterator[bytes]) -> Iterator[tuple[int, list[str] | None, Problem | None]]:
-    """(first line number, fields or None, problem or None) per CSV record, blank lines skipped."""
-    buffer: list[bytes] = []
-    lineno = 1
-    exhausted = False
-    while True:
-        if not buffer and not exhausted:
-            nxt = next(lines, None)
-            exhausted = nxt is None
-            buffer.extend([] if nxt is None else [nxt])
-        if not buffer:
-            return
-        if not buffer[0].strip():
-            buffer.pop(0)
-            lineno += 1
-            continue
-        exhausted = _fill(buffer, lines, exhausted)
-        end = _record_end(buffer)
-        result = _parse_record(buffer[:end]) if end else None
-        # Only a structurally bad multi-line record falls back to "the first line alone is the bad row".
-        if result is None or (end > 1 and result[1] is not None and result[1][0] is RejectReason.BAD_ROW):
-            end = 1
-            result = _parse_record(buffer[:1])
-        yield lineno, *result
-        del buffer[:end]
-        lineno += end
-
-
-def _fill(buffer: list[bytes], lines: Iterator[bytes], exhausted: bool) -> bool:
-    """Read ahead while the record at ``buffer[0]`` still has an open quote; True once input is done."""
-    quotes = sum(line.count(b'"') for line in buffer)
-    while quotes % 2 and not exhausted and len(buffer) < MAX_RECORD_LINES:
-        nxt = next(lines, None)
-        if nxt is None:
-            return True
-        buffer.append(nxt)
-        quotes += nxt.count(b'"')
-    return exhausted
-
-
-def _record_end(buffer: list[bytes]) -> int:
-    """Number of lines that close the record's quotes (0: never closed). '"' is one byte in UTF-8."""
-    quotes = 0
-    for index, line in enumerate(buffer[:MAX_RECORD_LINES]):
-        quotes += line.count(b'"')
-        if quotes % 2 == 0:
-            return index + 1
-    return 0
-
-
-def _parse_record(chunk: list[bytes]) -> tuple[list[str] | None, Problem | None]:
-    raw = b"".join(chunk)
-    problem: Problem | None = None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        text = raw.decode("utf-8", "replace")  # still parsed, to know where the record ends
-        problem = (RejectReason.BAD_ENCODING, f"not UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})")
-    try:
-        rows = list(csv.reader([text], strict=True))
-    except csv.Error as exc:
-        return None, (RejectReason.BAD_ROW, f"malformed CSV: {exc}")
-    if len(rows) != 1:
-        return None, (RejectReason.BAD_ROW, "malformed CSV record")
-    return (None if problem else rows[0]), problem
 
 
 # --- JSON lines -------------------------------------------------------------------------------------------

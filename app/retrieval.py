@@ -24,6 +24,7 @@ import numpy as np
 
 from app.memory.base import Filters, SearchHit, VectorMemory
 from app.memory.exact import ExactIndex
+from app.memory.per_image import first_rows_per_image
 from app.schemas import Modality
 
 SearchKind = Literal["uni", "cross"]
@@ -76,33 +77,6 @@ class Neighbours:
         return self.rows >= 0
 
 
-def dedupe_rows_by_image(
-    rows: np.ndarray, scores: np.ndarray, image_codes: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Keep the first (best-scoring, then lowest) row of each image, then the first ``k`` of those."""
-    n, width = rows.shape
-    order = np.lexsort((np.where(rows >= 0, rows, np.iinfo(np.int64).max), -scores), axis=-1)
-    rows = np.take_along_axis(rows, order, 1)
-    scores = np.take_along_axis(scores, order, 1)
-    codes = np.where(rows >= 0, image_codes[np.maximum(rows, 0)], -1)
-    by_code = np.argsort(codes, axis=1, kind="stable")  # stable: the earlier (better) row of a code comes first
-    sorted_codes = np.take_along_axis(codes, by_code, 1)
-    repeat = np.zeros_like(codes, dtype=bool)
-    repeat[:, 1:] = sorted_codes[:, 1:] == sorted_codes[:, :-1]
-    first = np.ones_like(repeat)
-    np.put_along_axis(first, by_code, ~repeat, 1)
-    keep = first & (rows >= 0)
-    position = np.where(keep, np.arange(width)[None, :], width)
-    chosen = np.sort(position, axis=1)[:, :k]
-    if chosen.shape[1] < k:
-        chosen = np.pad(chosen, ((0, 0), (0, k - chosen.shape[1])), constant_values=width)
-    ok = chosen < width
-    safe = np.minimum(chosen, width - 1)
-    out_rows = np.where(ok, np.take_along_axis(rows, safe, 1), -1)
-    out_scores = np.where(ok, np.take_along_axis(scores, safe, 1), -np.inf).astype(np.float32)
-    return out_rows, out_scores
-
-
 def find_neighbours(
     index: ExactIndex,
     queries: np.ndarray,
@@ -124,7 +98,7 @@ def find_neighbours(
         exclude_ids=exclude_ids, exclude_image_hashes=exclude_image_hashes,
     )
     if cfg.dedupe_by_image:
-        rows, scores = dedupe_rows_by_image(rows, scores, index.image_codes, k)
+        rows, scores = first_rows_per_image(rows, scores, index.image_codes, k)
     return Neighbours(rows=rows[:, :k], scores=scores[:, :k])
 
 

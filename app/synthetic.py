@@ -33,6 +33,7 @@ import numpy as np
 from app.evaluation.report import EvalReport, ResultRow
 from app.evaluation.run import evaluate_zeroshot
 from app.fusion.model import RecoFusion
+from app.fusion.recipe import PAPER_RECIPE
 from app.fusion.train import TrainingPairs, TrainOptions
 from app.memory.base import ItemPayload, item_id_for
 from app.memory.exact import ExactIndex
@@ -173,8 +174,9 @@ class SyntheticWorld:
 def synthetic_train_options(**overrides: object) -> TrainOptions:
     """Small batches and a short schedule: under 300 steps of a d=64 model, seconds on one CPU thread
     (more threads only add OpenMP overhead at this size, and much more on a busy machine)."""
-    values: dict[str, object] = {"k": 10, "lr": 5e-3, "weight_decay": 1e-5, "batch_size": 256, "epochs": 40,
-                                 "warmup_steps": 10, "seed": 0, "threads": 1}
+    values: dict[str, object] = {"k": PAPER_RECIPE.k, "lr": 5e-3, "weight_decay": PAPER_RECIPE.weight_decay,
+                                 "batch_size": 256, "epochs": 40, "warmup_steps": 10, "seed": PAPER_RECIPE.seed,
+                                 "threads": 1}
     values.update({k: v for k, v in overrides.items() if v is not None})
     return TrainOptions(**values)  # type: ignore[arg-type]
 

@@ -23,12 +23,12 @@ from typing import IO
 
 from PIL import Image
 
-from app.imaging import ImageLimits, ImageRejected, PixelBudget, open_image_safely
+from app.imaging import ImageLimits, ImageRejected, PixelBudget, open_image_safely, open_regular_file, read_capped
 from app.manifest import InputRow
 from app.schemas import RejectReason
+from app.services.ingest_write import FailedInput
 
 URL_TIMEOUT_S = 15.0
-_READ_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -43,11 +43,8 @@ class Decoded:
         return self.row.source
 
 
-@dataclass(frozen=True)
-class Rejected:
-    source: str
-    reason: RejectReason
-    detail: str
+# A row that could not be decoded: the one failure type of ingestion (source, reason, detail).
+Rejected = FailedInput
 
 
 class FileRejected(Exception):
@@ -66,26 +63,20 @@ def read_file_capped(path: Path, max_bytes: int, too_large: RejectReason = Rejec
     open descriptor is stat-ed again before reading (the file checked is the file read). At most
     ``max_bytes + 1`` bytes are ever read, even from a file that grows meanwhile.
     """
+
+    def check(info: os.stat_result) -> None:
+        _check_regular(info, max_bytes, too_large)
+
     try:
-        _check_regular(os.stat(path), max_bytes, too_large)
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0))
+        fd = open_regular_file(path, check)
     except FileNotFoundError as exc:
         raise FileRejected(RejectReason.MISSING, "no such file") from exc
     except OSError as exc:  # permission denied, a symlink loop, a name too long
         raise FileRejected(RejectReason.MISSING, f"unreadable: {exc.strerror or exc}") from exc
-    with os.fdopen(fd, "rb", buffering=0) as handle:
-        _check_regular(os.fstat(handle.fileno()), max_bytes, too_large)
-        chunks: list[bytes] = []
-        total = 0
-        while total <= max_bytes:
-            chunk = handle.read(min(_READ_CHUNK, max_bytes + 1 - total))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-    if total > max_bytes:
+    data = read_capped(fd, max_bytes, check)
+    if data is None:
         raise FileRejected(too_large, f"grew past the cap of {max_bytes} bytes while being read")
-    return b"".join(chunks)
+    return data
 
 
 def _check_regular(info: os.stat_result, max_bytes: int, too_large: RejectReason) -> None:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from tqdm import tqdm
 
 from app.db.repo import MetadataRepo
+from app.encoder_identity import EncoderId
 from app.imaging import ImageLimits
 from app.manifest import InputRow, ManifestError
 from app.schemas import JobStatus
@@ -66,7 +67,7 @@ def job_encoder_label(settings: Settings, repo: MetadataRepo) -> str:
     live = next((v for v in repo.versions() if v.is_live), None)
     if live is not None:
         return live.encoder_id
-    return f"{settings.clip_model}/{settings.clip_pretrained or 'random'}"
+    return EncoderId(settings.clip_model, settings.clip_pretrained).label
 
 
 def dispatch_source(
@@ -154,7 +155,6 @@ def make_decoder(
 ) -> Callable[[Sequence[InputRow]], list[PreparedItem | FailedInput]]:
     """Rows → decoded, preprocessed inputs, in ``pool`` (``decode_workers`` threads) when given."""
     from app.imaging import PixelBudget
-    from app.services.ingest import FailedInput
 
     limits = ImageLimits.from_settings(settings)
     budget = PixelBudget(settings.ingest_max_rss_mb * 1024 * 1024 // 4)  # as in ingestion.pipeline
@@ -163,7 +163,7 @@ def make_decoder(
     def one(row: InputRow) -> PreparedItem | FailedInput:
         outcome = decode_row(row, limits, fit=fit, budget=budget)  # downscaled right after decoding
         if isinstance(outcome, Rejected):
-            return FailedInput(outcome.source, outcome.reason, outcome.detail)
+            return outcome  # the same type: a decode failure is an ingest failure as it is
         return _prepared(outcome, encoder)
 
     def decode(rows: Sequence[InputRow]) -> list[PreparedItem | FailedInput]:
@@ -186,46 +186,3 @@ def _prepared(decoded: Decoded, encoder: Encoder) -> PreparedItem | FailedInput:
     width, height = decoded.image.info.get("original_size", decoded.image.size)
     return PreparedItem(row=decoded.row, image_hash=decoded.image_hash, size_bytes=decoded.size_bytes,
                         pixels=pixels, width=width, height=height)
-
-
-def run_async_cli(source: Path | None, watch_dir: Path | None, *, limit: int | None, wait: bool, once: bool,
-                  as_json: bool) -> None:
-    """``reco ingest SOURCE --async [--wait]`` and ``reco ingest --watch DIR [--once]``."""
-    import typer
-
-    from app.cli._common import fail, load_settings, print_json
-    from app.db.session import upgrade_database
-    from workers.client import default_sender
-
-    settings = load_settings()
-    settings.ensure_dirs()
-    upgrade_database(settings.resolved_database_url)  # never opens Qdrant: the embed worker owns a local store
-    sender = default_sender(settings)  # the broker these settings name, not one imported earlier
-    if watch_dir is not None:
-        from ingestion.watch import scan_once, watch
-
-        if once:
-            result = scan_once(watch_dir, settings, sender)
-            print_json(result) if as_json else typer.echo(f"watch {result['folder']}: {result['submitted']} new rows")
-            return
-        typer.echo(f"watching {watch_dir} every {settings.watch_interval_s} s (Ctrl-C to stop)", err=True)
-        try:
-            watch(watch_dir, settings, sender)
-        except KeyboardInterrupt:
-            return
-        return
-    if source is None:
-        fail("give a SOURCE to --async")
-    try:
-        summary = dispatch_source(source, settings, sender, limit=limit, progress=not as_json)
-        if wait:
-            ledger = IngestLedger.from_url(settings.resolved_database_url)
-            summary = wait_for_job(ledger, summary["job_id"]) | {"submitted": summary["submitted"]}
-    except (SourceError, ManifestError) as exc:
-        fail(exc)
-    keys = ("job_id", "submitted", "seen", "ingested", "duplicates", "failed", "status")
-    if as_json:
-        print_json({k: summary.get(k) for k in keys})
-        return
-    typer.echo("job {job_id}: submitted {submitted} rows, status {status} (seen {seen}, ingested {ingested}, "
-               "duplicates {duplicates}, failed {failed})".format(**{k: summary.get(k) for k in keys}))

@@ -37,7 +37,7 @@ def to_service_input(
     the encoder's thread pool. The full ``preprocess`` is the fallback when the stage gives None.
     """
     if isinstance(outcome, Rejected):
-        return FailedInput(outcome.source, outcome.reason, outcome.detail)
+        return outcome  # a decode failure is an ingest failure as it is (one type)
     image = outcome.image
     if preprocess is None and preprocess_uint8 is None:
         return PreparedItem(row=outcome.row, image_hash=outcome.image_hash, size_bytes=outcome.size_bytes,

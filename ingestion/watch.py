@@ -28,9 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select
-
-from app.db.models import IngestTask
+from app.db.watch_queries import watch_ledger_state
 from app.manifest import MANIFEST_SUFFIXES, InputRow, read_manifest
 from app.services.ingest_ledger import IngestLedger
 from ingestion.dispatch import TaskSender, job_encoder_label, wait_for_capacity
@@ -153,12 +151,7 @@ def scan_once(
         raise NotADirectoryError(f"watch folder {root} does not exist or is not a folder")
     ledger = ledger or IngestLedger.from_url(settings.resolved_database_url)
     cursor = ledger.open_job(str(root), WATCH_KIND, job_encoder_label(settings, ledger.repo))
-    with ledger.repo.session() as s:
-        known = {(row or {}).get("watch_key") for row in
-                 s.scalars(select(IngestTask.row).where(IngestTask.job_id == cursor.job_id))}
-        last_seq = s.scalar(select(func.max(IngestTask.seq)).where(IngestTask.job_id == cursor.job_id))
-        next_seq = 0 if last_seq is None else int(last_seq) + 1  # (a max of 0 is a row, not "none yet")
-    known.discard(None)
+    known, next_seq = watch_ledger_state(ledger.repo, cursor.job_id)
     new_rows: list[InputRow] = []
     new_keys: list[str] = []
     for row in candidate_rows(root, settings, settle_s=settle_s):

@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import streamlit as st
-from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings, get_settings
+from app.db.factory import SessionFactory, migrated_session_factory
 from app.db.repo import MetadataRepo
-from app.db.session import make_session_factory, upgrade_database
 from app.encoder import Encoder, create_encoder
 from ui.backend import Backend, ServingBackend, WorkerBackend
 
@@ -55,9 +54,8 @@ def encoder(settings: Settings) -> Encoder:
 
 
 @st.cache_resource(show_spinner="Opening the metadata database …", max_entries=4)
-def session_factory(url: str) -> sessionmaker[Session]:
-    upgrade_database(url)  # idempotent: a fresh data dir works without `reco db upgrade`
-    return make_session_factory(url)
+def session_factory(url: str) -> SessionFactory:
+    return migrated_session_factory(url)  # idempotent: a fresh data dir works without `reco db upgrade`
 
 
 def repo(settings: Settings) -> MetadataRepo:

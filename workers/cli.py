@@ -1,4 +1,4 @@
-"""``reco worker`` and ``reco beat`` (registered through the ``reco.cli`` entry point)."""
+"""``reco ingest``, ``reco worker`` and ``reco beat`` (registered through the ``reco.cli`` entry point)."""
 
 from __future__ import annotations
 
@@ -51,5 +51,8 @@ def beat(loglevel: Annotated[str, typer.Option(help="debug, info, warning, error
 
 
 def register(cli: typer.Typer) -> None:
+    from workers import ingest_cli
+
+    ingest_cli.register(cli)
     cli.command("worker")(worker)
     cli.command("beat")(beat)

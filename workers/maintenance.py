@@ -5,14 +5,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from app.services.reembed import (
-    ReembedService,
-    encoder_for,
-    live_version,
-    missing_from_live,
-    seed_of,
-    unfinished_versions,
-)
+from app.encoder_identity import EncoderId
+from app.services.reembed import ReembedService, live_version, missing_from_live, unfinished_versions
 
 if TYPE_CHECKING:
     from app.encoder import Encoder
@@ -20,22 +14,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_encoders: dict[tuple[str, str, int | None], Encoder] = {}
 
-
-def _encoder(runtime: WorkerRuntime, model: str, pretrained: str, seed: int | None) -> Encoder:
-    key = (model, pretrained, seed)
-    if key not in _encoders:
-        _encoders.clear()  # one target at a time: do not keep a large model around
-        _encoders[key] = encoder_for(runtime.settings, model, pretrained, seed)
-    return _encoders[key]
+def _encoder(runtime: WorkerRuntime, identity: EncoderId) -> Encoder:
+    return runtime.target_encoder(identity)  # the runtime keeps one target's encoder at a time
 
 
 def reembed_slice(runtime: WorkerRuntime, model: str, pretrained: str, seed: int | None, *, swap: bool,
                   slice_s: float) -> dict[str, Any]:
     """Up to ``slice_s`` seconds of re-embedding; after a swap the next embed batch loads the new encoder."""
     ingest = runtime.ingest_service()  # owns the Qdrant client of this process
-    service = ReembedService(runtime.settings, _encoder(runtime, model, pretrained, seed), repo=ingest.repo,
+    service = ReembedService(runtime.settings, _encoder(runtime, EncoderId(model, pretrained, seed)), repo=ingest.repo,
                              store=ingest.store)
     progress = service.run(max_seconds=slice_s, swap=swap)
     if progress.swapped:
@@ -44,8 +32,8 @@ def reembed_slice(runtime: WorkerRuntime, model: str, pretrained: str, seed: int
     return progress.model_dump() | {"finished": finished}
 
 
-def pending_reembeds(runtime: WorkerRuntime) -> list[tuple[str, str, int | None]]:
-    """(model, pretrained, seed) of every unfinished re-embedding, the configured encoder when it is not the live
+def pending_reembeds(runtime: WorkerRuntime) -> list[EncoderId]:
+    """The encoder of every unfinished re-embedding, the configured encoder when it is not the live
     one (RECO_CLIP_MODEL / RECO_CLIP_PRETRAINED changed), and the live one if it misses items.
 
     Idempotent: the configured encoder's version is registered *building* once (schedule_reembed); later checks
@@ -53,29 +41,29 @@ def pending_reembeds(runtime: WorkerRuntime) -> list[tuple[str, str, int | None]
     repo = runtime.ingest_service().repo
     live = live_version(repo)
     configured = configured_target(runtime, live.encoder_id if live is not None else None)
-    targets = [(v.model, v.pretrained, seed_of(v.encoder_id)) for v in unfinished_versions(repo)]
+    targets = [EncoderId.of_version(v) for v in unfinished_versions(repo)]
     if configured is not None and configured not in targets:
         targets.insert(0, configured)
     if live is not None and missing_from_live(repo) > 0:
-        targets.append((live.model, live.pretrained, seed_of(live.encoder_id)))
+        targets.append(EncoderId.of_version(live))
     return targets
 
 
-def configured_target(runtime: WorkerRuntime, live_encoder_id: str | None) -> tuple[str, str, int | None] | None:
+def configured_target(runtime: WorkerRuntime, live_encoder_id: str | None) -> EncoderId | None:
     """The configured encoder as a re-embedding target, when a live version exists and it is another one."""
     if live_encoder_id is None:
         return None  # nothing ingested yet: the first ingestion makes the configured encoder live
     settings = runtime.settings
-    seed = settings.random_init_seed if settings.is_random_init else None
-    encoder = _encoder(runtime, settings.clip_model, settings.clip_pretrained, seed)
+    configured = EncoderId.from_settings(settings)
+    encoder = _encoder(runtime, configured)
     if encoder.encoder_id == live_encoder_id:
         return None
     from app.services.reembed import schedule_reembed
 
-    schedule_reembed(settings, settings.clip_model, settings.clip_pretrained, seed=seed)  # building, once
+    schedule_reembed(settings, configured.model, configured.pretrained, seed=configured.seed)  # building, once
     log.warning("configured encoder %s is not the live one (%s): re-embedding the memory", encoder.encoder_id,
                 live_encoder_id)
-    return (settings.clip_model, settings.clip_pretrained, seed)
+    return configured
 
 
 def repair_pending(runtime: WorkerRuntime) -> dict[str, Any]:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from celery import Celery
 
     from app.encoder import Encoder
+    from app.encoder_identity import EncoderId
     from app.services.ingest import IngestService
     from app.services.ingest_async import EmbedBatchService
 
@@ -68,6 +69,8 @@ class WorkerRuntime:
         self._pool: ThreadPoolExecutor | None = None
         self._refine: Any = None
         self._indexer: Any = None
+        self._target_lock = threading.Lock()
+        self._target: tuple[EncoderId, Encoder] | None = None  # a re-embedding's encoder
 
     @property
     def sender(self) -> CeleryTaskSender:
@@ -76,12 +79,24 @@ class WorkerRuntime:
     def _live_encoder(self) -> Encoder:
         from app.db.repo import MetadataRepo
         from app.encoder import create_encoder
-        from app.services.reembed import encoder_for, live_version, seed_of
+        from app.encoder_identity import EncoderId
+        from app.services.reembed import encoder_for, live_version
 
         live = live_version(MetadataRepo.from_url(self.settings.resolved_database_url))
         if live is None:
             return create_encoder(self.settings)
-        return encoder_for(self.settings, live.model, live.pretrained, seed_of(live.encoder_id))
+        return encoder_for(self.settings, EncoderId.of_version(live))
+
+    def target_encoder(self, identity: EncoderId) -> Encoder:
+        """The encoder of a re-embedding target, kept while the target stays the same: one target at a time,
+        the previous one dropped before the next loads (a large model is not kept around)."""
+        from app.services.reembed import encoder_for
+
+        with self._target_lock:
+            if self._target is None or self._target[0] != identity:
+                self._target = None
+                self._target = (identity, encoder_for(self.settings, identity))
+            return self._target[1]
 
     def ingest_service(self) -> IngestService:
         """The ingest service for the live version, rebuilt when the live version changed."""

@@ -167,6 +167,6 @@ def reembed_check(self: Task) -> list[str]:
     from workers.maintenance import pending_reembeds
 
     targets = pending_reembeds(get_runtime(app))
-    for model, pretrained, seed in targets:
-        reembed.apply_async(args=(model, pretrained, seed, True))
-    return [f"{m}/{p or 'random'}" for m, p, _ in targets]
+    for target in targets:
+        reembed.apply_async(args=(target.model, target.pretrained, target.seed, True))
+    return [target.label for target in targets]

@@ -60,6 +60,14 @@ def newest_checkpoint(factory: sessionmaker[Session], encoder_id: str) -> Checkp
         return CheckpointRecord.of(row) if row else None
 
 
+def checkpoints_newest_first(factory: sessionmaker[Session], encoder_id: str) -> list[CheckpointRecord]:
+    """Every checkpoint registered for ``encoder_id``, newest first."""
+    with session_scope(factory) as session:
+        rows = session.scalars(select(FusionCheckpoint).where(FusionCheckpoint.encoder_id == encoder_id)
+                               .order_by(FusionCheckpoint.created_at.desc(), FusionCheckpoint.id.desc())).all()
+        return [CheckpointRecord.of(row) for row in rows]
+
+
 def checkpoint_by_sha256(factory: sessionmaker[Session], sha256: str) -> CheckpointRecord | None:
     with session_scope(factory) as session:
         row = session.scalars(select(FusionCheckpoint).where(FusionCheckpoint.sha256 == sha256)).first()

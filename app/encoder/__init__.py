@@ -15,9 +15,6 @@ from app.encoder.openclip import (
 if TYPE_CHECKING:
     from app.config import Settings
 
-# The issue calls it ClipEncoder; it is the open_clip backend.
-ClipEncoder = OpenClipEncoder
-
 
 def create_encoder(settings: Settings) -> OpenClipEncoder:
     return OpenClipEncoder.from_settings(settings)
@@ -25,7 +22,6 @@ def create_encoder(settings: Settings) -> OpenClipEncoder:
 
 __all__ = [
     "RANDOM_WEIGHTS_WARNING",
-    "ClipEncoder",
     "Encoder",
     "EncoderLoadError",
     "OpenClipEncoder",

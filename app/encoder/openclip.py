@@ -11,13 +11,11 @@ Weights come from (in this order of interpretation of ``pretrained``):
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import re
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -25,6 +23,7 @@ import torch
 from PIL import Image
 
 from app.encoder.base import l2_normalise
+from app.encoder.quiet import quiet_model_creation
 from app.encoder.registry import ensure_model_configs_registered
 from app.encoder.runtime import (
     Runtime,
@@ -34,6 +33,7 @@ from app.encoder.runtime import (
     resolve_runtime,
     visual_family,
 )
+from app.encoder.text_trim import encode_text_trimmed, trimmable_text_tower
 from app.encoder.weights import (
     OmittedWeightsError,
     file_sha256,
@@ -68,41 +68,6 @@ def _resolve_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise EncoderLoadError("RECO_DEVICE=cuda but no CUDA device is visible: set RECO_DEVICE=cpu (or auto)")
     return torch.device(device)
-
-
-class _DropFactoryNotices(logging.Filter):
-    """open_clip's "initialized partially / randomly" notices: this class checks and reports weights itself."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not ("initialized partially" in message or "No pretrained weights loaded" in message)
-
-
-@contextlib.contextmanager
-def _quiet_model_creation() -> Iterator[None]:
-    """Model creation without transformers' per-tensor progress bar and load report (a packaged HF text
-    tower prints both on every load) and without open_clip's notices that :meth:`OpenClipEncoder._load`
-    replaces with its own checks; warnings from anything else still show."""
-    notices = _DropFactoryNotices()
-    root = logging.getLogger()
-    root.addFilter(notices)
-    hf_logging: ModuleType | None
-    try:
-        hf_logging = importlib.import_module("transformers.utils.logging")
-    except ImportError:  # no transformers: no HF text tower to quieten
-        hf_logging = None
-    if hf_logging is not None:
-        verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        root.removeFilter(notices)
-        if hf_logging is not None:
-            hf_logging.set_verbosity(verbosity)
-            if bars:
-                hf_logging.enable_progress_bar()
 
 
 class OpenClipEncoder:
@@ -229,7 +194,7 @@ class OpenClipEncoder:
             model, preprocess = self._load_open_clip_tag()
         else:
             # Seeded so that random-init encoders are identical in every process (CLI, workers, UI).
-            with torch.random.fork_rng(devices=[]), _quiet_model_creation():
+            with torch.random.fork_rng(devices=[]), quiet_model_creation():
                 torch.manual_seed(self.seed)
                 model, _, preprocess = open_clip.create_model_and_transforms(
                     self.model_name, pretrained=None, device="cpu"
@@ -248,9 +213,11 @@ class OpenClipEncoder:
             raise EncoderLoadError(str(exc)) from exc
         apply_runtime(model, runtime)
         self._runtime = runtime
-        self._model = model
         self._preprocess = preprocess
         self._tokenizer = open_clip.get_tokenizer(self.model_name)
+        # last: `_model` is what _ensure_loaded checks without the lock, so everything else is set before it
+        # (a request racing the warm-up thread once found the model but not yet the tokenizer)
+        self._model = model
 
     def _load_open_clip_tag(self) -> tuple[Any, Any]:
         """open_clip loads its tags weights-only and applies the tag's mean/std/resize."""
@@ -389,13 +356,13 @@ class OpenClipEncoder:
         if len(texts) == 0:
             return np.zeros((0, self.dim), np.float32)
         outs = []
-        if _trimmable_text_tower(self._model):  # prompts of like length batched together, each batch cut short
+        if trimmable_text_tower(self._model):  # prompts of like length batched together, each batch cut short
             tokens = self._tokenizer(list(texts))
             order = torch.argsort(tokens.argmax(dim=-1), stable=True)
             with torch.inference_mode(), self._autocast():
                 for start in range(0, len(texts), self.batch_size):
                     chunk = tokens[order[start : start + self.batch_size]].to(self.device)
-                    outs.append(l2_normalise(_encode_text_trimmed(self._model, chunk)))
+                    outs.append(l2_normalise(encode_text_trimmed(self._model, chunk)))
             out = np.concatenate(outs)
             restored = np.empty_like(out)
             restored[order.numpy()] = out
@@ -417,30 +384,3 @@ class OpenClipEncoder:
             "runtime": self.runtime.label if self._runtime is not None else None,
             "dim": self.dim,
         }
-
-
-def _trimmable_text_tower(model: Any) -> bool:
-    """An open_clip ``CLIP`` text tower with a causal mask, pooled at the end-of-text token: its output does
-    not depend on the padding after that token, so a batch can be cut to its longest prompt."""
-    needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "attn_mask")
-    return (all(hasattr(model, a) for a in needed) and getattr(model, "attn_mask", None) is not None
-            and getattr(model, "text_pool_type", "argmax") == "argmax"
-            and type(model).encode_text.__qualname__ == "CLIP.encode_text")
-
-
-def _encode_text_trimmed(model: Any, tokens: torch.Tensor) -> torch.Tensor:
-    """``CLIP.encode_text`` over the first L positions only, L = the batch's longest prompt (its end-of-text
-    token, the highest id, included). Under the causal mask a position sees only those before it, so the
-    pooled features are those of the full 77-token pass; a 10-token class prompt costs ~1/6 of the compute."""
-    length = int(tokens.argmax(dim=-1).max().item()) + 1
-    tokens = tokens[:, :length]
-    cast_dtype = model.transformer.get_cast_dtype()
-    x = model.token_embedding(tokens).to(cast_dtype)
-    x = x + model.positional_embedding[:length].to(cast_dtype)
-    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
-    x = model.ln_final(x)
-    x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
-    projection = model.text_projection
-    if projection is not None:
-        x = projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
-    return cast(torch.Tensor, x)

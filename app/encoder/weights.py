@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from functools import lru_cache
 from pathlib import Path
 
@@ -59,10 +58,6 @@ def resolve_registered_tag(model: str, tag: str) -> tuple[Path, str] | None:
     if not path.is_file():
         raise FileNotFoundError(f"registered weights {model}/{tag} expected at {path}")
     return path, sha
-
-
-def write_model_card(path: Path, card: dict[str, object]) -> None:
-    path.write_text(json.dumps(card, indent=2) + "\n")
 
 
 # A checkpoint may leave out a frozen tower that loads from an installed package (the base model's

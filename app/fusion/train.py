@@ -25,6 +25,7 @@ from app.fusion.checkpoint import CheckpointMeta, save_checkpoint
 from app.fusion.config import FusionCfg
 from app.fusion.loss import reco_loss
 from app.fusion.model import MAX_LOGIT_SCALE, RecoFusion
+from app.fusion.recipe import PAPER_RECIPE
 from app.memory.exact import ExactIndex
 from app.retrieval import Neighbours, RetrievalCfg, find_neighbours, gather_embeddings
 from app.schemas import Modality
@@ -38,15 +39,16 @@ NEAR_DUPLICATE_FETCH = 64  # near-copies looked for per training image (more tha
 
 @dataclass(frozen=True)
 class TrainOptions:
-    """Paper recipe by default; the two options for issue 5 are off (the paper has neither)."""
+    """Paper recipe by default (:data:`~app.fusion.recipe.PAPER_RECIPE`); the options of issues 5 and 16 are off
+    (the paper has none of them)."""
 
-    k: int = 10
-    lr: float = 1e-3
-    weight_decay: float = 1e-5
-    batch_size: int = 4096
-    epochs: int = 10
-    warmup_steps: int = 50
-    seed: int = 0
+    k: int = PAPER_RECIPE.k
+    lr: float = PAPER_RECIPE.lr
+    weight_decay: float = PAPER_RECIPE.weight_decay
+    batch_size: int = PAPER_RECIPE.batch_size
+    epochs: int = PAPER_RECIPE.epochs
+    warmup_steps: int = PAPER_RECIPE.warmup_steps
+    seed: int = PAPER_RECIPE.seed
     query_dropout: float = 0.0  # probability of hiding the query token from the fusion during training
     gated_init: bool = False  # start every fusion module at mean fusion (learned gate, initialised to 0)
     score_bias: bool = False  # the neighbours' search similarities as an attention bias (FusionCfg.score_bias)

@@ -19,6 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from app.memory.per_image import first_per_image
 from app.schemas import Modality
 
 # Fixed namespace: the same (image bytes, caption) gives the same item id on every machine.
@@ -184,16 +185,14 @@ def sorted_hits(hits: Sequence[SearchHit]) -> list[SearchHit]:
     return sorted(hits, key=lambda h: (-h.score, h.item_id))
 
 
+def image_of_hit(hit: SearchHit) -> str:
+    """The image a hit shows: its payload's image hash (its own id when it has no payload)."""
+    return hit.payload.image_hash if hit.payload is not None else hit.item_id
+
+
 def distinct_images(hits: Sequence[SearchHit], k: int) -> list[SearchHit]:
     """The best hit of each image (one image may carry five captions), then the first ``k``."""
-    seen: set[str] = set()
-    kept: list[SearchHit] = []
-    for hit in sorted_hits(hits):
-        image = hit.payload.image_hash if hit.payload is not None else hit.item_id
-        if image not in seen:
-            seen.add(image)
-            kept.append(hit)
-    return kept[:k]
+    return first_per_image(sorted_hits(hits), image_of_hit)[:k]
 
 
 def search_distinct(search: Callable[[int], list[SearchHit]], k: int) -> list[SearchHit]:

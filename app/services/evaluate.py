@@ -17,10 +17,10 @@ from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy.orm import Session, sessionmaker
 from tqdm.auto import tqdm
 
 from app.config import Settings
+from app.db.factory import SessionFactory
 from app.db.runs import store_eval_run
 from app.encoder import Encoder, create_encoder
 from app.evaluation import EvalReport, ResultRow, evaluate_retrieval, evaluate_zeroshot, remove_near_duplicates
@@ -156,7 +156,7 @@ def _retrieval_cfg(settings: Settings, request: EvalRequest, trained: RetrievalC
 
 
 def _refiner(
-    settings: Settings, request: EvalRequest, encoder_id: str, index: ExactIndex, factory: sessionmaker[Session]
+    settings: Settings, request: EvalRequest, encoder_id: str, index: ExactIndex, factory: SessionFactory
 ) -> tuple[Refiner | None, str | None, int | None]:
     """The fusion to evaluate: a checkpoint, the mean-fusion baseline, or none (CLIP only)."""
     k = request.k or settings.k_infer
@@ -202,7 +202,7 @@ def run_evaluation(
     *,
     encoder: Encoder | None = None,
     memory: VectorMemory | None = None,
-    session_factory: sessionmaker[Session] | None = None,
+    session_factory: SessionFactory | None = None,
 ) -> EvalReport:
     if request.dataset == "synthetic":
         return run_synthetic_evaluation(settings, request, session_factory=session_factory)
@@ -231,7 +231,7 @@ def run_evaluation(
 
 
 def run_synthetic_evaluation(
-    settings: Settings, request: EvalRequest, *, session_factory: sessionmaker[Session] | None = None
+    settings: Settings, request: EvalRequest, *, session_factory: SessionFactory | None = None
 ) -> EvalReport:
     """The synthetic world: CLIP, each RECO mode, mean fusion and a shuffled-caption memory."""
     world = SyntheticWorld(SyntheticCfg(seed=request.seed or 0))

@@ -1,4 +1,6 @@
-"""Writing decoded image-text pairs into the memory: metadata first, then vectors, then status.
+"""Writing decoded image-text pairs into the memory: admission here (row and caption checks, dedupe, takedowns,
+job counts); the write itself — metadata first, then vectors, then status — is
+:class:`~app.services.ingest_write.ItemWriter`, the one path re-embedding uses too.
 
 Order matters for crash safety: an item is committed as *pending* before its vectors are written
 and marked *embedded* only after Qdrant acknowledged them. A crash in between leaves "pending in DB"
@@ -9,55 +11,31 @@ and marked *embedded* only after Qdrant acknowledged them. A crash in between le
 from __future__ import annotations
 
 import logging
-import threading
 import unicodedata
-from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-from PIL import Image
 from pydantic import BaseModel
 
 from app.db.repo import FailureRecord, MetadataRepo, NewItem
 from app.db.session import upgrade_database
 from app.encoder import Encoder, create_encoder
 from app.manifest import printable
-from app.memory.base import ItemPayload, MemoryRecord, VectorMemory, content_hash, item_id_for
+from app.memory.base import MemoryRecord, VectorMemory, content_hash, item_id_for
 from app.memory.store import encoder_memory, open_store
 from app.schemas import EmbedStatus, JobStatus, RejectReason
+from app.services.ingest_write import TEXT_CACHE_SIZE, FailedInput, ItemWriter, Pending, PreparedItem
 
 if TYPE_CHECKING:
-    import torch
-
     from app.config import Settings
     from app.manifest import InputRow
 
+__all__ = ["TEXT_CACHE_SIZE", "BatchOutcome", "EncodedBatch", "FailedInput", "Failure", "IngestService",
+           "ItemResult", "PreparedItem", "ReconcileReport", "clean_caption", "is_invisible", "job_summary",
+           "prepare_storage", "row_problem"]
+
 log = logging.getLogger(__name__)
-
-TEXT_CACHE_SIZE = 4096  # captions whose text vectors are kept (8 MiB at d=512)
-
-
-@dataclass(frozen=True)
-class PreparedItem:
-    """A decoded input: safe RGB pixels (or the encoder's input tensor) and where they came from."""
-
-    row: InputRow
-    image_hash: str
-    size_bytes: int
-    image: Image.Image | None = None
-    pixels: torch.Tensor | None = None  # already preprocessed (decode workers do it off the hot path)
-    pixels_uint8: np.ndarray | None = None  # first preprocessing stage only (encoder.preprocess_uint8)
-    width: int | None = None
-    height: int | None = None
-
-
-@dataclass(frozen=True)
-class FailedInput:
-    source: str
-    reason: RejectReason
-    detail: str
 
 
 class Failure(BaseModel):
@@ -136,6 +114,18 @@ def row_problem(row: InputRow) -> FailedInput | None:
     return FailedInput(printable(row.source)[:MAX_SOURCE_CHARS], *problem)
 
 
+# Per input: the item id it maps to (None when refused before it had one), and its failure when refused early.
+Entry = tuple[str | None, FailedInput | None]
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    """One input's end: embedded (``failure`` None: new, or a duplicate of an embedded item) or failed."""
+
+    item_id: str | None
+    failure: FailedInput | None = None
+
+
 @dataclass
 class EncodedBatch:
     """A batch encoded and marked pending, waiting for :meth:`IngestService.store_batch`."""
@@ -144,10 +134,17 @@ class EncodedBatch:
     outcome: BatchOutcome
     failures: list[FailedInput]
     records: list[MemoryRecord]
+    entries: list[Entry] = field(default_factory=list)  # one per input, in input order
+    item_failures: dict[str, FailedInput] = field(default_factory=dict)  # refused by the database, not encoded
 
     @property
     def item_ids(self) -> list[str]:
         return [r.item_id for r in self.records]
+
+    def results(self) -> list[ItemResult]:
+        """One result per input (a duplicate within the batch shares its twin's)."""
+        return [ItemResult(item_id, failure or (self.item_failures.get(item_id) if item_id else None))
+                for item_id, failure in self.entries]
 
 
 @dataclass
@@ -172,8 +169,7 @@ class IngestService:
         self.repo = repo or MetadataRepo.from_url(settings.resolved_database_url)
         self.store = open_store(settings)
         self.memory = memory or encoder_memory(settings, self.encoder.encoder_id, self.encoder.dim, store=self.store)
-        self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()  # caption -> vector, recent first out
-        self._text_lock = threading.Lock()
+        self.writer = ItemWriter(self.encoder, self.memory, self.repo)
         self._ensure_version_registered()
 
     @property
@@ -200,6 +196,12 @@ class IngestService:
     def write_batch(self, job_id: int | None, inputs: Sequence[PreparedItem | FailedInput]) -> BatchOutcome:
         return self.store_batch(self.encode_batch(job_id, inputs))
 
+    def write_items(self, inputs: Sequence[PreparedItem | FailedInput]) -> list[ItemResult]:
+        """A batch outside any job (the embed workers' ledger rows): one result per input, in order."""
+        encoded = self.encode_batch(None, inputs)
+        self.store_batch(encoded)
+        return encoded.results()
+
     def encode_batch(
         self, job_id: int | None, inputs: Sequence[PreparedItem | FailedInput], *, in_flight: Collection[str] = ()
     ) -> EncodedBatch:
@@ -210,62 +212,31 @@ class IngestService:
         """
         outcome = BatchOutcome(seen=len(inputs))
         failures: list[FailedInput] = [i for i in inputs if isinstance(i, FailedInput)]
-        batch = self._admit(
+        batch, admitted = self._admit(
             [i for i in inputs if isinstance(i, PreparedItem)], failures, outcome, in_flight)
-        records: list[MemoryRecord] = []
-        if batch.items:
-            self._add_pending(batch, failures)
-        if batch.items:
+        entries = iter(admitted)
+        encoded = EncodedBatch(job_id, outcome, failures, [], entries=[
+            (None, i) if isinstance(i, FailedInput) else next(entries) for i in inputs])
+        encoded.item_failures.update({i: f for i, f in admitted if i is not None and f is not None})  # taken down
+        pending = Pending(batch.items, batch.prepared, {}, [])
+        if pending.items:
+            pending = self.writer.mark_pending(batch.items, batch.prepared)
+            encoded.item_failures.update(pending.refused)
+            failures += pending.refused.values()
+        if pending.items:
             try:
-                records = self._embed(batch)
+                encoded.records = self.writer.encode(pending)
             except Exception as exc:  # noqa: BLE001 - a broken batch is recorded, never crashes the job
-                log.exception("encoding failed for %d items", len(batch.items))
-                ids = [i.id for i in batch.items]
-                self.repo.set_status(ids, self.encoder_id, EmbedStatus.FAILED, RejectReason.ENCODE_ERROR, str(exc))
-                failures += [FailedInput(i.source_uri, RejectReason.ENCODE_ERROR, str(exc)) for i in batch.items]
-        return EncodedBatch(job_id, outcome, failures, records)
-
-    def _add_pending(self, batch: _Batch, failures: list[FailedInput]) -> None:
-        """Mark the batch pending; when the database refuses the batch for its data (a value the checks
-        before it missed), row by row, so only the rows it refuses fail — with the database's reason."""
-        try:
-            self.repo.add_pending(batch.items, self.encoder_id)
-            return
-        except Exception as exc:
-            if not _refused_for_data(exc):
-                raise  # the database is down, locked, full: the job's problem, not a row's
-            if len(batch.items) == 1:
-                self._refuse_stored(batch, 0, exc, failures)
-                batch.items.clear()
-                batch.prepared.clear()
-                return
-        kept = _Batch()
-        for index, (item, prepared) in enumerate(zip(batch.items, batch.prepared, strict=True)):
-            try:
-                self.repo.add_pending([item], self.encoder_id)
-            except Exception as exc:
-                if not _refused_for_data(exc):
-                    raise
-                self._refuse_stored(batch, index, exc, failures)
-                continue
-            kept.items.append(item)
-            kept.prepared.append(prepared)
-        batch.items[:], batch.prepared[:] = kept.items, kept.prepared
-
-    @staticmethod
-    def _refuse_stored(batch: _Batch, index: int, exc: Exception, failures: list[FailedInput]) -> None:
-        orig = getattr(exc, "orig", exc)
-        reason = " ".join(str(orig).split()).split("[SQL:")[0][:300]
-        log.warning("database refused %s: %s", batch.prepared[index].row.source, reason)
-        failures.append(FailedInput(batch.prepared[index].row.source, RejectReason.BAD_ROW,
-                                    f"the database refused the row: {reason}"))
+                broken = self.writer.fail(pending, exc)
+                encoded.item_failures.update(broken)
+                failures += broken.values()
+        return encoded
 
     def store_batch(self, encoded: EncodedBatch) -> BatchOutcome:
         """Vectors to the memory, then *embedded* in the DB, then the job's counts (safe in a writer thread)."""
         outcome, failures = encoded.outcome, encoded.failures
         if encoded.records:
-            self.memory.upsert(encoded.records)  # transient store errors propagate: the caller retries
-            self.repo.set_status(encoded.item_ids, self.encoder_id, EmbedStatus.EMBEDDED)
+            self.writer.store(encoded.records)  # transient store errors propagate: the caller retries
             outcome.ingested += len(encoded.records)
         outcome.failed = len(failures)
         outcome.failures = [Failure(source=f.source, reason=f.reason, detail=f.detail) for f in failures]
@@ -278,107 +249,53 @@ class IngestService:
     def _admit(
         self, prepared: list[PreparedItem], failures: list[FailedInput], outcome: BatchOutcome,
         in_flight: Collection[str] = (),
-    ) -> _Batch:
-        """Caption checks and dedupe (within the batch and against what is already embedded)."""
+    ) -> tuple[_Batch, list[Entry]]:
+        """Caption checks and dedupe (within the batch and against what is already embedded); one entry per input."""
         batch = _Batch()
+        entries: list[Entry] = [(None, None)] * len(prepared)
         seen_ids: set[str] = set()
-        candidates: list[tuple[NewItem, PreparedItem]] = []
-        for p in prepared:
+        candidates: list[tuple[int, NewItem, PreparedItem]] = []
+        for n, p in enumerate(prepared):
             bad_row = row_problem(p.row)
             if bad_row is not None:
                 failures.append(bad_row)
+                entries[n] = (None, bad_row)
                 continue
             caption, problem = clean_caption(
                 p.row.caption, max_chars=self.settings.max_caption_chars, required=self.settings.require_caption)
             if problem is not None:
                 failures.append(FailedInput(p.row.source, problem.reason, problem.detail))
+                entries[n] = (None, failures[-1])
                 continue
             item = _new_item(p, caption)
+            entries[n] = (item.id, None)
             if item.id in seen_ids:
                 outcome.duplicates += 1
                 continue
             seen_ids.add(item.id)
-            candidates.append((item, p))
-        status = self.repo.embedding_status([c[0].id for c in candidates], self.encoder_id)
-        taken_down = self.repo.deleted_among([c[0].id for c in candidates])
+            candidates.append((n, item, p))
+        status = self.repo.embedding_status([c[1].id for c in candidates], self.encoder_id)
+        taken_down = self.repo.deleted_among([c[1].id for c in candidates])
         # An item the metadata calls embedded is a duplicate only while its vectors are in the memory: vectors
         # lost (a store removed or replaced) are embedded again, never counted as duplicates.
-        said_embedded = [c[0].id for c in candidates if status.get(c[0].id) == EmbedStatus.EMBEDDED]
+        said_embedded = [c[1].id for c in candidates if status.get(c[1].id) == EmbedStatus.EMBEDDED]
         if said_embedded:
             present = self.memory.existing_ids(said_embedded)
             for item_id in said_embedded:
                 if item_id not in present:
                     status.pop(item_id, None)
-        for item, p in candidates:
+        for n, item, p in candidates:
             if item.id in taken_down:
                 why = taken_down[item.id].deleted_reason or "no reason given"
                 failures.append(FailedInput(p.row.source, RejectReason.TAKEN_DOWN,
                                             f"item {item.id} was taken down ({why})"))
+                entries[n] = (item.id, failures[-1])
             elif status.get(item.id) == EmbedStatus.EMBEDDED or item.id in in_flight:
                 outcome.duplicates += 1
             else:
                 batch.items.append(item)
                 batch.prepared.append(p)
-        return batch
-
-    def _embed(self, batch: _Batch) -> list[MemoryRecord]:
-        """One image encode per distinct image (Flickr8k: five captions share one)."""
-        first_index: dict[str, int] = {}
-        for idx, p in enumerate(batch.prepared):
-            first_index.setdefault(p.image_hash, idx)
-        unique = [batch.prepared[i] for i in first_index.values()]
-        image_vectors = self._encode_images(unique)
-        row_of_hash = {h: n for n, h in enumerate(first_index)}
-        text_of = self._text_vectors(dict.fromkeys(i.caption for i in batch.items))
-        records = []
-        for item, p in zip(batch.items, batch.prepared, strict=True):
-            payload = ItemPayload(
-                item_id=item.id, image_hash=item.image_hash, caption=item.caption, dataset=item.dataset,
-                split=item.split, source=item.source_uri, label=item.label, extra=item.extra)
-            records.append(MemoryRecord(payload, image_vectors[row_of_hash[p.image_hash]], text_of[item.caption]))
-        return records
-
-    def _text_vectors(self, captions: Iterable[str]) -> dict[str, np.ndarray]:
-        """One text encode per caption not seen lately. Images-only sources give every item the empty
-        caption: encoding it per item cost ~70 % of the image encode on CPU (ViT-B-32); now once per service.
-        """
-        wanted = list(captions)
-        with self._text_lock:
-            missing = [c for c in wanted if c not in self._text_cache]
-        fresh = dict(zip(missing, self.encoder.encode_texts(missing), strict=True)) if missing else {}
-        with self._text_lock:
-            self._text_cache.update(fresh)
-            out = {c: self._text_cache[c] if c in self._text_cache else fresh[c] for c in wanted}
-            for c in wanted:
-                self._text_cache.move_to_end(c)
-            while len(self._text_cache) > TEXT_CACHE_SIZE:
-                self._text_cache.popitem(last=False)
-        return out
-
-    def _encode_images(self, prepared: list[PreparedItem]) -> np.ndarray:
-        to_pixels = getattr(self.encoder, "pixels_from_uint8", None)
-        if to_pixels is not None and all(p.pixels_uint8 is not None for p in prepared):
-            return self.encoder.encode_images(to_pixels(np.stack([p.pixels_uint8 for p in prepared
-                                                                   if p.pixels_uint8 is not None])))
-        if all(p.pixels is not None for p in prepared):
-            import torch
-
-            return self.encoder.encode_images(torch.stack([p.pixels for p in prepared]))  # type: ignore[misc]
-        if any(p.pixels is not None or p.pixels_uint8 is not None for p in prepared):
-            import torch
-
-            return self.encoder.encode_images(torch.stack([self._pixels_of(p) for p in prepared]))
-        images = [p.image if p.image is not None else _missing_pixels(p) for p in prepared]
-        return self.encoder.encode_images(images)
-
-    def _pixels_of(self, p: PreparedItem) -> torch.Tensor:
-        """One item's model input, whichever form it came in (a batch mixing forms is rare)."""
-        if p.pixels is not None:
-            return p.pixels
-        if p.pixels_uint8 is not None:
-            return cast(torch.Tensor, self.encoder.pixels_from_uint8(  # type: ignore[attr-defined]
-                p.pixels_uint8[None])[0])
-        return self.encoder.preprocess(p.image if p.image is not None else _missing_pixels(p))
+        return batch, entries
 
     def index_pending(self, announce: Callable[[str], None] | None = None) -> int:
         """Build the HNSW index over the points waiting for one, when there are enough of them (embedded
@@ -405,19 +322,6 @@ class IngestService:
         report.reset_to_pending = len(lost)
         report.checked += self.repo.status_counts().get(self.encoder_id, {}).get(EmbedStatus.EMBEDDED, 0) + len(lost)
         return report
-
-
-def _refused_for_data(exc: Exception) -> bool:
-    """The database refused a value (too long, NUL, not JSON) rather than failing as a whole."""
-    from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
-
-    if isinstance(exc, DataError | IntegrityError):
-        return True
-    return isinstance(exc, StatementError) and not isinstance(exc, DBAPIError)  # a bind value it cannot send
-
-
-def _missing_pixels(p: PreparedItem) -> Image.Image:
-    raise ValueError(f"{p.row.source}: neither image nor pixels given")
 
 
 def _new_item(p: PreparedItem, caption: str) -> NewItem:

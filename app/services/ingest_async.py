@@ -18,14 +18,16 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
+from app.db.ingest_errors import transient_database_error
+from app.db.ingest_queries import pending_since_before
+from app.db.models import utcnow
 from app.db.repo import MetadataRepo
-from app.memory.base import item_id_for
 from app.schemas import EmbedStatus, RejectReason
-from app.services.ingest import FailedInput, IngestService, PreparedItem, clean_caption, row_problem
+from app.services.ingest import FailedInput, IngestService, ItemResult, PreparedItem
 from app.services.ingest_ledger import ClaimedTask, IngestLedger, TaskOutcome, TaskRef
+from app.services.ingest_write import row_of_item
 
 if TYPE_CHECKING:
     from app.manifest import InputRow
@@ -41,13 +43,12 @@ _TRANSIENT_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, e
 
 def is_transient(exc: BaseException) -> bool:
     """Worth retrying later: a service was unreachable or busy, not a problem with the input."""
-    from sqlalchemy import exc as sa_exc
-
     from app.memory.base import MemoryHeldElsewhere
 
-    if isinstance(exc, sa_exc.DBAPIError):
-        return bool(exc.connection_invalidated) or isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError)
-    if isinstance(exc, sa_exc.DisconnectionError | sa_exc.TimeoutError | ConnectionError | TimeoutError):
+    database = transient_database_error(exc)
+    if database is not None:
+        return database
+    if isinstance(exc, ConnectionError | TimeoutError):
         return True
     if isinstance(exc, MemoryHeldElsewhere):
         return True  # the old owner is still shutting down
@@ -133,46 +134,21 @@ class EmbedBatchService:
                                detail=f"{type(exc).__name__}: {exc}")
 
     def _write(self, tasks: Sequence[ClaimedTask], inputs: Sequence[PreparedItem | FailedInput]) -> list[TaskOutcome]:
-        """Decode failures and caption problems are outcomes at once; the rest go through write_batch."""
-        settings = self.ingest.settings
-        outcomes: dict[TaskRef, TaskOutcome] = {}
-        expected: dict[TaskRef, str] = {}
-        to_write: list[PreparedItem] = []
-        for task, item in zip(tasks, inputs, strict=True):
-            if isinstance(item, FailedInput):
-                outcomes[task.ref] = TaskOutcome(task.ref, EmbedStatus.FAILED, task.row.source,
-                                                 reason=str(item.reason), detail=item.detail)
-                continue
-            caption, problem = clean_caption(item.row.caption, max_chars=settings.max_caption_chars,
-                                             required=settings.require_caption)
-            problem = row_problem(item.row) or problem
-            if problem is not None:
-                outcomes[task.ref] = TaskOutcome(task.ref, EmbedStatus.FAILED, task.row.source,
-                                                 reason=str(problem.reason), detail=problem.detail)
-                continue
-            expected[task.ref] = item_id_for(item.image_hash, caption)
-            to_write.append(item)
-        if to_write:
-            self.ingest.write_batch(None, to_write)  # transient store errors propagate from here
-        states = self.ledger.embedding_outcomes(sorted(set(expected.values())), self.ingest.encoder_id)
-        if len(to_write) > 1:  # write_batch fails a whole batch on an encoder error: find the one item at fault
-            by_ref = dict(zip((t.ref for t in tasks), zip(tasks, inputs, strict=True), strict=True))
-            for ref, item_id in expected.items():
-                if states.get(item_id, ("",))[0] == EmbedStatus.FAILED:
-                    outcomes[ref] = self._write([by_ref[ref][0]], [by_ref[ref][1]])[0]
-        for task in tasks:
-            if task.ref in outcomes:
-                continue
-            item_id = expected[task.ref]
-            status, reason, detail = states.get(item_id, (EmbedStatus.PENDING, None, None))
-            if status == EmbedStatus.EMBEDDED:
-                outcomes[task.ref] = TaskOutcome(task.ref, EmbedStatus.EMBEDDED, task.row.source, item_id=item_id)
-            elif status == EmbedStatus.FAILED:
-                outcomes[task.ref] = TaskOutcome(task.ref, EmbedStatus.FAILED, task.row.source, item_id=item_id,
-                                                 reason=reason or RejectReason.ENCODE_ERROR, detail=detail)
-            else:
-                raise RuntimeError(f"item {item_id} ({task.row.source}) is still {status} after its batch")
-        return [outcomes[t.ref] for t in tasks]
+        """The batch through the ingest service, one outcome per row (transient store errors propagate)."""
+        results = self.ingest.write_items(inputs)
+        broken = [n for n, r in enumerate(results)
+                  if r.failure is not None and r.failure.reason == RejectReason.ENCODE_ERROR]
+        if len(broken) > 1:  # the encoder failed the whole batch: find the one item at fault
+            return [self._write([task], [item])[0] if n in broken else _outcome(task, results[n])
+                    for n, (task, item) in enumerate(zip(tasks, inputs, strict=True))]
+        return [_outcome(task, result) for task, result in zip(tasks, results, strict=True)]
+
+
+def _outcome(task: ClaimedTask, result: ItemResult) -> TaskOutcome:
+    if result.failure is None:
+        return TaskOutcome(task.ref, EmbedStatus.EMBEDDED, task.row.source, item_id=result.item_id)
+    return TaskOutcome(task.ref, EmbedStatus.FAILED, task.row.source, item_id=result.item_id,
+                       reason=str(result.failure.reason), detail=result.failure.detail)
 
 
 def retry_delay_s(attempt: int, *, base_s: float = 1.0, cap_s: float = 60.0) -> float:
@@ -187,22 +163,6 @@ def stale_pending_rows(
     missing), as rows to ingest again from their source file; their ids do not change."""
     from datetime import timedelta
 
-    from sqlalchemy import select
+    items = pending_since_before(repo, encoder_id, utcnow() - timedelta(seconds=older_than_s), limit)
+    return [row_of_item(item) for item in items]
 
-    from app.db.models import Embedding, Item, utcnow
-    from app.manifest import InputRow
-
-    ceiling = utcnow() - timedelta(seconds=older_than_s)
-    stmt = (select(Item).join(Embedding, Embedding.item_id == Item.id)
-            .where(Embedding.encoder_id == encoder_id, Embedding.status == EmbedStatus.PENDING,
-                   Embedding.updated_at < ceiling).order_by(Item.id).limit(limit))
-    with repo.session() as s:
-        items = list(s.scalars(stmt))
-    rows = []
-    for item in items:
-        path = Path(item.source_uri)
-        problem = None if path.is_absolute() else (RejectReason.MISSING, f"no local file to re-read: {item.source_uri}")
-        rows.append(InputRow(source=item.source_uri, path=path if problem is None else None, url=None,
-                             caption=item.caption, label=item.label, split=item.split, dataset=item.dataset,
-                             extra=dict(item.extra or {}), problem=problem))
-    return rows

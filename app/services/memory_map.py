@@ -12,6 +12,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from app.memory.base import VectorMemory
+from app.memory.per_image import first_per_image
 from app.schemas import Modality
 
 
@@ -64,10 +65,11 @@ def fit_pca(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[float]]:
 def memory_map(memory: VectorMemory, query: MapQuery, *, query_vector: np.ndarray | None = None) -> MemoryMap:
     """The map; ``query_vector`` (an uploaded image's embedding) or ``query.item_id`` marks a query."""
     matrices = memory.export_matrices(filters=query.filters or None)
-    first: dict[str, int] = {}
-    for row, image_hash in enumerate(matrices.image_hashes):
-        first.setdefault(image_hash or matrices.ids[row], row)  # one point per image
-    rows = sorted(first.items())  # by image hash: a deterministic sample, stable across reruns
+    def image_of(row: int) -> str:
+        return matrices.image_hashes[row] or matrices.ids[row]
+
+    first = first_per_image(range(len(matrices.image_hashes)), image_of)  # one point per image
+    rows = sorted((image_of(row), row) for row in first)  # by image hash: a deterministic sample, stable across reruns
     total = len(rows)
     if total > query.limit:
         step = total / query.limit

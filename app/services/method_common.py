@@ -17,11 +17,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
-from app.db.runs import CheckpointRecord, checkpoint_by_sha256, newest_checkpoint
-from app.db.session import make_session_factory, upgrade_database
+from app.db.factory import SessionFactory, migrated_session_factory
+from app.db.runs import CheckpointRecord, checkpoint_by_sha256, checkpoints_newest_first, newest_checkpoint
 from app.encoder.openclip import collection_name_for
 from app.encoder.weights import file_sha256
 from app.errors import UsageError
@@ -47,10 +46,9 @@ def resolve_device(settings: Settings) -> str:
     return settings.device
 
 
-def session_factory_for(settings: Settings) -> sessionmaker[Session]:
+def session_factory_for(settings: Settings) -> SessionFactory:
     """The metadata DB, migrated to head first (idempotent, as the ingest service does)."""
-    upgrade_database(settings.resolved_database_url)
-    return make_session_factory(settings.resolved_database_url)
+    return migrated_session_factory(settings.resolved_database_url)
 
 
 def safe_name(text: str) -> str:
@@ -101,7 +99,7 @@ def exact_index(settings: Settings, matrices: MemoryMatrices, *, version: str | 
 
 
 def resolve_checkpoint(
-    settings: Settings, encoder_id: str, explicit: Path | str | None, factory: sessionmaker[Session]
+    settings: Settings, encoder_id: str, explicit: Path | str | None, factory: SessionFactory
 ) -> tuple[Path, CheckpointRecord | None]:
     """An explicit file, else RECO_FUSION_CHECKPOINT, else the newest registered for ``encoder_id``."""
     chosen = explicit or settings.fusion_checkpoint or None
@@ -125,7 +123,7 @@ def resolve_checkpoint(
                       "(or evaluate with --modes clip)")
 
 
-def default_checkpoint(factory: sessionmaker[Session], encoder_id: str) -> tuple[Path | None, CheckpointRecord | None]:
+def default_checkpoint(factory: SessionFactory, encoder_id: str) -> tuple[Path | None, CheckpointRecord | None]:
     """What a command uses when no checkpoint is named: the newest registered one trained on enough pairs, else
     the committed default for the encoder, else the newest registered one (small), else none."""
     record = eligible_checkpoint(factory, encoder_id)
@@ -140,20 +138,10 @@ def default_checkpoint(factory: sessionmaker[Session], encoder_id: str) -> tuple
     return None, None
 
 
-def eligible_checkpoint(factory: sessionmaker[Session], encoder_id: str) -> CheckpointRecord | None:
+def eligible_checkpoint(factory: SessionFactory, encoder_id: str) -> CheckpointRecord | None:
     """The newest registered checkpoint for ``encoder_id`` trained on at least ``MIN_DEFAULT_PAIRS`` pairs."""
-    from sqlalchemy import select
-
-    from app.db.models import FusionCheckpoint
-    from app.db.session import session_scope
-
-    with session_scope(factory) as session:
-        rows = session.scalars(select(FusionCheckpoint).where(FusionCheckpoint.encoder_id == encoder_id)
-                               .order_by(FusionCheckpoint.created_at.desc(), FusionCheckpoint.id.desc())).all()
-        for row in rows:
-            if trained_pairs(dict(row.metrics or {})) >= MIN_DEFAULT_PAIRS:
-                return CheckpointRecord.of(row)
-    return None
+    return next((record for record in checkpoints_newest_first(factory, encoder_id)
+                 if trained_pairs(record.metrics) >= MIN_DEFAULT_PAIRS), None)
 
 
 def checkpoint_label(path: Path, record: CheckpointRecord | None) -> str:

@@ -2,7 +2,9 @@
 
 Class embeddings (templates x class names, refined by text->text search for modes ``text``/``both``)
 are cached per (encoder, checkpoint, memory version, classes, templates), so a prediction costs one
-image encode and, for modes ``image``/``both``, one image refinement against the live memory.
+image encode and, for modes ``image``/``both``, one image refinement against the live memory. The caches
+belong to whoever predicts (:class:`PredictCaches`: the serving service holds one); a call given none
+builds its own, which still finds the class embeddings on disk.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
+from app.db.factory import SessionFactory
 from app.encoder import Encoder, create_encoder
 from app.imaging import ImageLimits, open_image_safely
 from app.memory.base import VectorMemory
@@ -67,23 +69,50 @@ class PredictResponse(BaseModel):
     softmax_scale: float = 100.0  # logit scale of the probabilities (calibrated on validation with the checkpoint)
 
 
-_caches: dict[Path, ClassEmbeddingCache] = {}
-
-
-def _cache(settings: Settings) -> ClassEmbeddingCache:
-    folder = settings.data_dir / "cache" / "zeroshot"
-    return _caches.setdefault(folder, ClassEmbeddingCache(folder))
-
-
-# Loaded fusion models by (checkpoint file, its hash, memory object, k'): a prediction must not reload weights.
-_refiners: OrderedDict[tuple[str, str, int, int], tuple[VectorMemory, Refiner]] = OrderedDict()
-_refiners_lock = threading.Lock()
 MAX_CACHED_REFINERS = 8
+RefinerKey = tuple[str, str, int, int]  # (checkpoint file, its hash, memory object, k')
+
+
+class PredictCaches:
+    """What predictions keep between calls, owned by their caller: class embeddings per cache folder, and the
+    loaded fusion models by (checkpoint file, its hash, memory object, k') — a prediction must not reload
+    weights. Thread-safe."""
+
+    def __init__(self, max_refiners: int = MAX_CACHED_REFINERS) -> None:
+        self.max_refiners = max_refiners
+        self._classes: dict[Path, ClassEmbeddingCache] = {}
+        self._refiners: OrderedDict[RefinerKey, tuple[VectorMemory, Refiner]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def class_cache(self, settings: Settings) -> ClassEmbeddingCache:
+        """The class-embedding cache of ``settings``' data dir (in process, and on disk under it)."""
+        folder = settings.data_dir / "cache" / "zeroshot"
+        with self._lock:
+            return self._classes.setdefault(folder, ClassEmbeddingCache(folder))
+
+    def forget_classes(self) -> None:
+        """Drop the in-process class embeddings (as a restart does); the files on disk stay."""
+        with self._lock:
+            self._classes.clear()
+
+    def refiner(self, key: RefinerKey, memory: VectorMemory) -> Refiner | None:
+        with self._lock:
+            cached = self._refiners.get(key)
+            if cached is None or cached[0] is not memory:
+                return None
+            self._refiners.move_to_end(key)
+            return cached[1]
+
+    def keep_refiner(self, key: RefinerKey, memory: VectorMemory, refiner: Refiner) -> None:
+        with self._lock:
+            self._refiners[key] = (memory, refiner)
+            while len(self._refiners) > self.max_refiners:
+                self._refiners.popitem(last=False)
 
 
 def _load_refiner(
     settings: Settings, request: PredictRequest, encoder_id: str, memory: VectorMemory,
-    factory: sessionmaker[Session] | None,
+    factory: SessionFactory | None, caches: PredictCaches,
 ) -> tuple[Refiner | None, str | None]:
     if request.mode is RefineMode.CLIP:
         return None, None
@@ -92,17 +121,12 @@ def _load_refiner(
     k = request.k or settings.k_infer
     stat = path.stat()
     key = (str(path), record.sha256 if record else f"{stat.st_mtime_ns}:{stat.st_size}", id(memory), k)
-    with _refiners_lock:
-        cached = _refiners.get(key)
-        if cached is not None and cached[0] is memory:
-            _refiners.move_to_end(key)
-            return cached[1], checkpoint_label(path, record)
+    cached = caches.refiner(key, memory)
+    if cached is not None:
+        return cached, checkpoint_label(path, record)
     refiner, _ = refiner_from_checkpoint(path, memory, k=k, expected_sha256=record.sha256 if record else None,
                                          device=resolve_device(settings))
-    with _refiners_lock:
-        _refiners[key] = (memory, refiner)
-        while len(_refiners) > MAX_CACHED_REFINERS:
-            _refiners.popitem(last=False)
+    caches.keep_refiner(key, memory, refiner)
     return refiner, checkpoint_label(path, record)
 
 
@@ -112,13 +136,17 @@ def predict_image(
     *,
     encoder: Encoder | None = None,
     memory: VectorMemory | None = None,
-    session_factory: sessionmaker[Session] | None = None,
+    session_factory: SessionFactory | None = None,
     refiner: tuple[Refiner, str] | None = None,
     image_vector: np.ndarray | None = None,
+    caches: PredictCaches | None = None,
 ) -> PredictResponse:
     """``refiner``: an already loaded (Refiner, checkpoint label) — long-lived callers (reco serve, the refine
     worker) load it once instead of resolving and hashing the checkpoint per call. ``image_vector``: the
-    image already decoded and encoded (a caller asking for CLIP and RECO answers encodes it once)."""
+    image already decoded and encoded (a caller asking for CLIP and RECO answers encodes it once).
+    ``caches``: the caller's class embeddings and loaded fusion models, kept across its calls (none: this
+    call's own)."""
+    caches = PredictCaches() if caches is None else caches
     encoder = encoder or create_encoder(settings)
     if image_vector is None:
         image = open_image_safely(request.image_bytes, ImageLimits.from_settings(settings),
@@ -130,12 +158,13 @@ def predict_image(
             loaded, checkpoint = refiner[0].with_k(request.k), refiner[1]
         else:
             memory = memory or memory_for_encoder(settings, encoder.encoder_id)
-            loaded, checkpoint = _load_refiner(settings, request, encoder.encoder_id, memory, session_factory)
+            loaded, checkpoint = _load_refiner(settings, request, encoder.encoder_id, memory, session_factory,
+                                               caches)
     refiner_obj = loaded
     # CLIP's probabilities: the scale calibrated with the loaded checkpoint when the caller has one, else 100.
     clip_scale = refiner[0].softmax_scale(RefineMode.CLIP) if refiner is not None else None
     classifier = ZeroShotClassifier(request.classes, encoder, templates=request.templates, refiner=refiner_obj,
-                                    checkpoint_id=checkpoint or "none", cache=_cache(settings),
+                                    checkpoint_id=checkpoint or "none", cache=caches.class_cache(settings),
                                     clip_softmax_scale=clip_scale)
     v = encoder.encode_images([image])[0] if image_vector is None else np.asarray(image_vector, np.float32)
     refinement: Refinement | None = None

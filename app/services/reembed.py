@@ -25,17 +25,25 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from pydantic import BaseModel
-from sqlalchemy import and_, exists, func, select
 
-from app.db.models import Embedding, EmbeddingVersion, FusionCheckpoint, Item
-from app.db.repo import MetadataRepo, NewItem
+from app.db.ingest_queries import (
+    count_embedded,
+    count_waiting_for,
+    items_waiting_for,
+    latest_checkpoint,
+    status_counts_of,
+    version_of,
+)
+from app.db.models import EmbeddingVersion, Item
+from app.db.repo import MetadataRepo
 from app.encoder import Encoder, create_encoder
+from app.encoder_identity import EncoderId
 from app.imaging import ImageLimits, ImageRejected, open_image_safely, read_image_file
-from app.memory.base import ItemPayload, MemoryRecord, MemoryStore
+from app.memory.base import MemoryStore
 from app.memory.store import encoder_memory, open_store
 from app.schemas import EmbedStatus, RejectReason
+from app.services.ingest_write import FailedInput, ItemWriter, PreparedItem, new_item_of, row_of_item
 
 if TYPE_CHECKING:
     from app.config import Settings
@@ -61,18 +69,9 @@ class ReembedProgress(BaseModel):
     seconds: float = 0.0
 
 
-def encoder_for(settings: Settings, model: str, pretrained: str, seed: int | None = None) -> Encoder:
+def encoder_for(settings: Settings, identity: EncoderId) -> Encoder:
     """An encoder other than the configured one (same device and precision settings)."""
-    update: dict[str, Any] = {"clip_model": model, "clip_pretrained": pretrained}
-    if seed is not None:
-        update["random_init_seed"] = seed
-    return create_encoder(settings.model_copy(update=update))
-
-
-def seed_of(encoder_id: str) -> int | None:
-    """Random-init encoder ids end in ``/random/s<seed>``; the seed rebuilds the same weights."""
-    head, _, tail = encoder_id.rpartition("/s")
-    return int(tail) if head.endswith("/random") and tail.isdigit() else None
+    return create_encoder(settings.model_copy(update=identity.settings_update()))
 
 
 def live_version(repo: MetadataRepo) -> EmbeddingVersion | None:
@@ -92,6 +91,7 @@ class ReembedService:
         self.store = store or open_store(settings)
         self.memory = encoder_memory(settings, encoder.encoder_id, encoder.dim, store=self.store)
         self.limits = ImageLimits.from_settings(settings)
+        self.writer = ItemWriter(encoder, self.memory, self.repo)
         self._register()
 
     @property
@@ -104,30 +104,14 @@ class ReembedService:
                                  getattr(self.encoder, "pretrained", ""), self.encoder.dim)
 
     # --- what is left ---------------------------------------------------------------------------
-    def _done_under_target(self) -> Any:
-        return exists().where(Embedding.item_id == Item.id, Embedding.encoder_id == self.encoder_id,
-                              Embedding.status.in_([EmbedStatus.EMBEDDED, EmbedStatus.FAILED]))
-
-    def _embedded_elsewhere(self) -> Any:
-        return exists().where(Embedding.item_id == Item.id, Embedding.encoder_id != self.encoder_id,
-                              Embedding.status == EmbedStatus.EMBEDDED)
-
     def next_items(self, limit: int) -> list[Item]:
         """Items embedded under another version and not yet done under the target (id order)."""
-        stmt = (select(Item).where(and_(self._embedded_elsewhere(), ~self._done_under_target(),
-                                        Item.deleted_at.is_(None)))
-                .order_by(Item.id).limit(limit))
-        with self.repo.session() as s:
-            return list(s.scalars(stmt))
+        return items_waiting_for(self.repo, self.encoder_id, limit)
 
     def progress(self, **extra: Any) -> ReembedProgress:
-        with self.repo.session() as s:
-            counts = dict(s.execute(select(Embedding.status, func.count())
-                                    .where(Embedding.encoder_id == self.encoder_id)
-                                    .group_by(Embedding.status)).all())
-            remaining = s.scalar(select(func.count()).select_from(Item)
-                                 .where(and_(self._embedded_elsewhere(), ~self._done_under_target()))) or 0
-            version = s.get(EmbeddingVersion, self.encoder_id)
+        counts = status_counts_of(self.repo, self.encoder_id)
+        remaining = count_waiting_for(self.repo, self.encoder_id)
+        version = version_of(self.repo, self.encoder_id)
         done, failed = int(counts.get(EmbedStatus.EMBEDDED, 0)), int(counts.get(EmbedStatus.FAILED, 0))
         live = live_version(self.repo)
         status = fusion_status(self.repo)
@@ -177,38 +161,23 @@ class ReembedService:
         return READY if done else BUILDING
 
     def embed_items(self, items: Sequence[Item]) -> int:
-        """One batch: pending → vectors → embedded; unreadable sources fail with a reason."""
+        """One batch through the ingest write path (pending → vectors → embedded); unreadable sources fail with
+        a reason. Returns how many were embedded."""
         loaded = self._load_images(items)
-        self.repo.add_pending([_as_new_item(i) for i in items], self.encoder_id)
-        ok = [(item, pixels) for item, pixels in zip(items, loaded, strict=True) if not isinstance(pixels, tuple)]
-        for item, problem in zip(items, loaded, strict=True):
-            if isinstance(problem, tuple):
-                self.repo.set_status([item.id], self.encoder_id, EmbedStatus.FAILED, problem[0], problem[1])
-        if ok:
-            self.memory.upsert(self._records(ok))
-            self.repo.set_status([i.id for i, _ in ok], self.encoder_id, EmbedStatus.EMBEDDED)
+        ok = [(item, pixels) for item, pixels in zip(items, loaded, strict=True) if not isinstance(pixels, FailedInput)]
+        failed = [(new_item_of(item), problem) for item, problem in zip(items, loaded, strict=True)
+                  if isinstance(problem, FailedInput)]
+        prepared = [PreparedItem(row=row_of_item(item), image_hash=item.image_hash, size_bytes=item.size_bytes,
+                                 pixels=pixels) for item, pixels in ok]
+        outcomes = self.writer.write([new_item_of(item) for item, _ in ok], prepared, failed)
         self.repo.update_version_progress(self.encoder_id, done=self.count_done())
-        return len(ok)
+        return sum(1 for failure in outcomes.values() if failure is None)
 
     def count_done(self) -> int:
-        with self.repo.session() as s:
-            return int(s.scalar(select(func.count()).select_from(Embedding).where(
-                Embedding.encoder_id == self.encoder_id, Embedding.status == EmbedStatus.EMBEDDED)) or 0)
-
-    def _records(self, batch: Sequence[tuple[Item, Any]]) -> list[MemoryRecord]:
-        first: dict[str, int] = {}
-        for n, (item, _) in enumerate(batch):
-            first.setdefault(item.image_hash, n)
-        import torch
-
-        images = self.encoder.encode_images(torch.stack([batch[n][1] for n in first.values()]))
-        row_of = {h: r for r, h in enumerate(first)}
-        texts = self.encoder.encode_texts([item.caption for item, _ in batch])
-        return [MemoryRecord(_payload(item), np.asarray(images[row_of[item.image_hash]]), text)
-                for (item, _), text in zip(batch, texts, strict=True)]
+        return count_embedded(self.repo, self.encoder_id)
 
     def _load_images(self, items: Sequence[Item]) -> list[Any]:
-        """Preprocessed pixels per item, or (reason, detail); one read per distinct file, in threads."""
+        """Preprocessed pixels per item, or why not (:class:`FailedInput`); one read per distinct file, in threads."""
         unique = {item.image_hash: item for item in items}
         workers = max(1, self.settings.decode_workers)
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reco-reembed") as pool:
@@ -220,13 +189,14 @@ class ReembedService:
         try:
             data = read_image_file(path, self.limits.max_bytes)  # a regular file, at most the cap, never blocks
         except ImageRejected as exc:
-            return (exc.reason, exc.detail)
+            return FailedInput(item.source_uri, exc.reason, exc.detail)
         if hashlib.sha256(data).hexdigest() != item.image_hash:
-            return (RejectReason.CORRUPT, f"source {item.source_uri} changed since it was ingested")
+            return FailedInput(item.source_uri, RejectReason.CORRUPT,
+                               f"source {item.source_uri} changed since it was ingested")
         try:
             return self.encoder.preprocess(open_image_safely(data, self.limits))
         except ImageRejected as exc:
-            return (exc.reason, exc.detail)
+            return FailedInput(item.source_uri, exc.reason, exc.detail)
 
     def swap(self) -> None:
         """Alias → the new collection (one request), then the DB follows; the old version is kept."""
@@ -241,26 +211,13 @@ class ReembedService:
                     status["checkpoint_id"] or "NONE — retraining required (reco train)")
 
 
-def _payload(item: Item) -> ItemPayload:
-    return ItemPayload(item_id=item.id, image_hash=item.image_hash, caption=item.caption, dataset=item.dataset,
-                       split=item.split, source=item.source_uri, label=item.label, extra=dict(item.extra or {}))
-
-
-def _as_new_item(item: Item) -> NewItem:
-    return NewItem(id=item.id, content_hash=item.content_hash, image_hash=item.image_hash, caption=item.caption,
-                   source_uri=item.source_uri, dataset=item.dataset, split=item.split, label=item.label,
-                   size_bytes=item.size_bytes, width=item.width, height=item.height, extra=dict(item.extra or {}))
-
-
 def fusion_status(repo: MetadataRepo) -> dict[str, Any]:
     """Which encoder is live, and whether a fusion checkpoint was trained for it."""
     live = live_version(repo)
     if live is None:
         return {"live_encoder_id": None, "collection": None, "checkpoint_id": None, "checkpoint_path": None,
                 "retraining_required": False}
-    with repo.session() as s:
-        ckpt = s.scalars(select(FusionCheckpoint).where(FusionCheckpoint.encoder_id == live.encoder_id)
-                         .order_by(FusionCheckpoint.created_at.desc(), FusionCheckpoint.id.desc()).limit(1)).first()
+    ckpt = latest_checkpoint(repo, live.encoder_id)
     return {"live_encoder_id": live.encoder_id, "collection": live.collection,
             "checkpoint_id": ckpt.id if ckpt else None, "checkpoint_path": ckpt.path if ckpt else None,
             "retraining_required": ckpt is None}
@@ -293,12 +250,7 @@ def missing_from_live(repo: MetadataRepo) -> int:
     live = live_version(repo)
     if live is None:
         return 0
-    elsewhere = exists().where(Embedding.item_id == Item.id, Embedding.encoder_id != live.encoder_id,
-                               Embedding.status == EmbedStatus.EMBEDDED)
-    done = exists().where(Embedding.item_id == Item.id, Embedding.encoder_id == live.encoder_id,
-                          Embedding.status.in_([EmbedStatus.EMBEDDED, EmbedStatus.FAILED]))
-    with repo.session() as s:
-        return int(s.scalar(select(func.count()).select_from(Item).where(and_(elsewhere, ~done))) or 0)
+    return count_waiting_for(repo, live.encoder_id)
 
 
 def reembed_now(
@@ -308,7 +260,7 @@ def reembed_now(
     """``reco reembed`` in this process: run to the end, swap, optionally drop old ones."""
     from tqdm import tqdm
 
-    service = ReembedService(settings, encoder_for(settings, model, pretrained, seed))
+    service = ReembedService(settings, encoder_for(settings, EncoderId(model, pretrained, seed)))
     with tqdm(total=service.progress().remaining, unit="item", desc="re-embed", disable=not progress) as bar:
         result = service.run(swap=swap, on_batch=lambda _done, tried: bar.update(tried))
     dropped = drop_old_versions(settings, repo=service.repo, store=service.store) if drop_old else []
@@ -317,7 +269,7 @@ def reembed_now(
 
 def schedule_reembed(settings: Settings, model: str, pretrained: str, *, seed: int | None = None) -> dict[str, Any]:
     """Record the request only (no memory access): the maintenance worker's scheduled check runs it."""
-    encoder = encoder_for(settings, model, pretrained, seed)
+    encoder = encoder_for(settings, EncoderId(model, pretrained, seed))
     repo = MetadataRepo.from_url(settings.resolved_database_url)
     from app.encoder import collection_name_for
 

@@ -14,11 +14,8 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
-
-from app.db.models import Embedding, Item
 from app.db.repo import MetadataRepo
-from app.schemas import EmbedStatus
+from app.db.restore_queries import embedded_ids_after
 
 if TYPE_CHECKING:
     from app.config import Settings
@@ -35,12 +32,7 @@ def missing_vector_ids(repo: MetadataRepo, memory: VectorMemory, encoder_id: str
     missing: list[str] = []
     after = ""
     while True:
-        stmt = (select(Embedding.item_id).join(Item, Item.id == Embedding.item_id)
-                .where(Embedding.encoder_id == encoder_id, Embedding.status == EmbedStatus.EMBEDDED,
-                       Item.deleted_at.is_(None), Embedding.item_id > after)
-                .order_by(Embedding.item_id).limit(PAGE))
-        with repo.session() as s:
-            ids = list(s.scalars(stmt))
+        ids = embedded_ids_after(repo, encoder_id, after, PAGE)
         if not ids:
             return missing
         present = memory.existing_ids(ids) if _collection_exists(memory) else set()
@@ -59,13 +51,14 @@ def _collection_exists(memory: VectorMemory) -> bool:
 def live_encoder(settings: Settings, repo: MetadataRepo) -> Encoder:
     """The encoder of the live version (not necessarily the configured one), else the configured one."""
     from app.encoder import create_encoder
-    from app.services.reembed import encoder_for, live_version, seed_of
+    from app.encoder_identity import EncoderId
+    from app.services.reembed import encoder_for, live_version
 
     live = live_version(repo)
     configured = create_encoder(settings)
     if live is None or live.encoder_id == configured.encoder_id:
         return configured
-    return encoder_for(settings, live.model, live.pretrained, seed_of(live.encoder_id))
+    return encoder_for(settings, EncoderId.of_version(live))
 
 
 def restore_lost_vectors(

@@ -57,6 +57,6 @@ def _missing_vectors(settings: Settings, repo: MetadataRepo, store: MemoryStore)
 
 def _redact(url: str) -> str:
     """Never print a password that came in a URL."""
-    from sqlalchemy.engine import make_url
+    from app.db.urls import hide_password
 
-    return make_url(url).render_as_string(hide_password=True)
+    return hide_password(url)

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
+from app.db.factory import SessionFactory
 from app.db.runs import register_checkpoint
 from app.encoder import Encoder, create_encoder
 from app.fusion.config import get_fusion_config
@@ -101,7 +101,7 @@ def _checkpoint_path(settings: Settings, request: TrainRequest, encoder_id: str)
 
 def _register(
     settings: Settings, result: TrainResult, encoder_id: str, memory_version: str,
-    factory: sessionmaker[Session] | None,
+    factory: SessionFactory | None,
 ) -> TrainReport:
     assert result.checkpoint is not None and result.sha256 is not None
     factory = factory or session_factory_for(settings)
@@ -115,7 +115,7 @@ def _register(
 
 
 def train_synthetic(
-    settings: Settings, request: TrainRequest, *, session_factory: sessionmaker[Session] | None = None
+    settings: Settings, request: TrainRequest, *, session_factory: SessionFactory | None = None
 ) -> TrainReport:
     world = SyntheticWorld(SyntheticCfg(seed=request.seed or 0))
     options = _options(settings, request, base=synthetic_train_options())
@@ -135,7 +135,7 @@ def run_training(
     *,
     encoder: Encoder | None = None,
     memory: VectorMemory | None = None,
-    session_factory: sessionmaker[Session] | None = None,
+    session_factory: SessionFactory | None = None,
 ) -> TrainReport:
     """Train on the memory of the configured encoder; returns where the checkpoint went and its metrics."""
     if request.dataset == SYNTHETIC:

@@ -4,23 +4,19 @@ served by the refine worker meanwhile never fail, and switch to the new encoder 
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
 
 from app.config import get_settings
-from app.db.models import Embedding
-from app.db.repo import MetadataRepo
 from app.memory.store import close_stores, open_store
-from app.schemas import EmbedStatus
 from app.services.ingest import IngestService
 from app.services.reembed import drop_old_versions, fusion_status
 from ingestion.pipeline import ingest_source
 from tests.conftest import SHARED_DATA
+from tests.integration.reembed_support import NEW, OLD, embedded, start_searching
 from tests.integration.workers_support import (  # noqa: F401 - fixtures
     ARTIFACTS,
     Stack,
@@ -28,42 +24,10 @@ from tests.integration.workers_support import (  # noqa: F401 - fixtures
     stack_fixture,
     wait_until,
 )
-from workers.celery_app import create_celery_app
-from workers.client import RefineClient
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
 
-OLD, NEW = "reco-tiny/random/s0", "reco-tiny/random/s1"
 N_ITEMS = 250  # 50 Flickr8k images x 5 captions: 5 re-embedding batches of 50
-
-
-def _embedded(repo: MetadataRepo, encoder_id: str) -> int:
-    with repo.session() as s:
-        return int(s.scalar(select(func.count()).select_from(Embedding).where(
-            Embedding.encoder_id == encoder_id, Embedding.status == EmbedStatus.EMBEDDED)) or 0)
-
-
-class Searcher(threading.Thread):
-    """Searches through the refine worker until stopped; every failure is kept."""
-
-    def __init__(self, client: RefineClient) -> None:
-        super().__init__(daemon=True)
-        self.client = client
-        self.stop = threading.Event()
-        self.answers: list[str] = []
-        self.errors: list[str] = []
-
-    def run(self) -> None:
-        n = 0
-        while not self.stop.is_set():
-            try:
-                found = self.client.search({"text": f"a dog runs {n}"}, mode="clip", k=5)
-                assert len(found["results"]) == 5, found
-                self.answers.append(found["encoder_id"])
-            except Exception as exc:  # noqa: BLE001 - the test counts them
-                self.errors.append(f"{type(exc).__name__}: {exc}")
-            n += 1
-            time.sleep(0.1)
 
 
 def test_reembed_killed_halfway_resumes_and_searches_never_fail(stack: Stack, tmp_path: Path) -> None:
@@ -76,14 +40,11 @@ def test_reembed_killed_halfway_resumes_and_searches_never_fail(stack: Stack, tm
     stack.serve()
     owner = stack.worker("embed,maintenance", "owner")
     stack.worker("refine", "refine")
-    app = create_celery_app(settings)
-    searcher = Searcher(RefineClient(app, timeout_s=60))
-    searcher.start()
-    wait_until(lambda: len(searcher.answers) >= 3, 60, "searches answered before the re-embed")
+    app, searcher = start_searching(settings, "the re-embed")
     app.send_task("reco.maintenance.reembed", args=("reco-tiny", "", 1, True, 2.0))  # 2-second slices
-    wait_until(lambda: _embedded(repo, NEW) >= 100, 120, "two batches re-embedded")
+    wait_until(lambda: embedded(repo, NEW) >= 100, 120, "two batches re-embedded")
     owner.kill()
-    at_kill = _embedded(repo, NEW)
+    at_kill = embedded(repo, NEW)
     assert 0 < at_kill < N_ITEMS
     stack.procs.remove(owner)
     time.sleep(2)  # searches while no owner process is running at all
@@ -102,7 +63,7 @@ def test_reembed_killed_halfway_resumes_and_searches_never_fail(stack: Stack, tm
         "alias": store.live_collection(settings.memory_alias),
         "new_points": store.collection(versions[NEW].collection).count(),
         "old_points_kept": store.collection(versions[OLD].collection).count(),
-        "status": {k: v.status for k, v in versions.items()}, "new_embedded_rows": _embedded(repo, NEW),
+        "status": {k: v.status for k, v in versions.items()}, "new_embedded_rows": embedded(repo, NEW),
         "fusion": fusion_status(repo),
     }
     ARTIFACTS.mkdir(exist_ok=True)

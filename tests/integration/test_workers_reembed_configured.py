@@ -19,19 +19,16 @@ from app.memory.store import close_stores, open_store
 from app.services.ingest import IngestService, prepare_storage
 from ingestion.pipeline import ingest_source
 from tests.conftest import SHARED_DATA
-from tests.integration.test_workers_reembed import Searcher, _embedded
+from tests.integration.reembed_support import NEW, OLD, embedded, start_searching
 from tests.integration.workers_support import (  # noqa: F401 - fixtures
     Stack,
     flickr_manifest,
     stack_fixture,
     wait_until,
 )
-from workers.celery_app import create_celery_app
-from workers.client import RefineClient
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
 
-OLD, NEW = "reco-tiny/random/s0", "reco-tiny/random/s1"
 N_ITEMS = 100
 
 
@@ -54,10 +51,7 @@ def test_changed_encoder_setting_starts_one_reembedding(stack: Stack, tmp_path: 
     stack.serve()
     stack.worker("embed,maintenance", "owner")
     stack.worker("refine", "refine")
-    app = create_celery_app(get_settings())
-    searcher = Searcher(RefineClient(app, timeout_s=60))
-    searcher.start()
-    wait_until(lambda: len(searcher.answers) >= 3, 60, "searches answered before the check")
+    app, searcher = start_searching(get_settings(), "the check")
     app.send_task("reco.maintenance.reembed_check")
     wait_until(lambda: any(v.is_live and v.encoder_id == NEW for v in repo.versions()), 240, "alias swapped")
     wait_until(lambda: NEW in searcher.answers[-3:], 60, "searches answered with the new encoder")
@@ -73,5 +67,5 @@ def test_changed_encoder_setting_starts_one_reembedding(stack: Stack, tmp_path: 
     assert set(versions) == {OLD, NEW}
     assert versions[NEW].is_live and versions[OLD].status == "ready"
     assert store.live_collection(settings.memory_alias) == versions[NEW].collection
-    assert _embedded(repo, NEW) == store.collection(versions[NEW].collection).count() == N_ITEMS
+    assert embedded(repo, NEW) == store.collection(versions[NEW].collection).count() == N_ITEMS
     assert store.collection(versions[OLD].collection).count() == N_ITEMS  # kept until dropped

@@ -197,16 +197,27 @@ def check_async_counts(settings: Settings, job_id: int, expected: list[str], rel
 
 # --- a small disk ----------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def small_disk(folder: Path, size: str = "8m") -> Iterator[bool]:
-    """A tmpfs on ``folder`` (True) when this machine lets us mount one (root, CAP_SYS_ADMIN), else False."""
+def tmpfs(folder: Path, options: str) -> Iterator[bool]:
+    """A tmpfs mounted on ``folder`` with ``options`` (True) when this machine lets us mount one (root,
+    CAP_SYS_ADMIN), else False; unmounted on exit."""
     folder.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
                              capture_output=True).returncode == 0
     try:
         yield mounted
     finally:
         if mounted:
             subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def small_disk(folder: Path, size: str = "8m") -> contextlib.AbstractContextManager[bool]:
+    """A tmpfs of ``size`` on ``folder`` (True) when this machine lets us mount one, else False."""
+    return tmpfs(folder, f"size={size}")
+
+
+def read_only_folder(folder: Path) -> contextlib.AbstractContextManager[bool]:
+    """A read-only tmpfs on ``folder`` when this machine lets us mount one, else False."""
+    return tmpfs(folder, "ro,size=1m")
 
 
 def fill(disk: Path) -> Path:

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import threading
 import time
+import traceback
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -342,6 +343,7 @@ def test_refine_worker_restarted_while_the_ui_queries_it(
     calls: list[tuple[float, float, str]] = []  # (started, seconds, "ok" or the error)
 
     asked_while_down: list[tuple[float, float, str]] = []
+    tracebacks: list[str] = []
 
     def one_call(n: int, via: WorkerBackend = backend, into: list[tuple[float, float, str]] = calls) -> None:
         started = time.monotonic()
@@ -350,6 +352,7 @@ def test_refine_worker_restarted_while_the_ui_queries_it(
             outcome = "ok" if len(view.results) == 3 else f"short answer {len(view.results)}"
         except Exception as exc:  # noqa: BLE001 - counted: each must be a clear error
             outcome = f"{type(exc).__name__}: {exc}"
+            tracebacks.append(traceback.format_exc())  # shown if an error is not a clear one
         into.append((started, time.monotonic() - started, outcome))
 
     stop = threading.Event()
@@ -392,4 +395,4 @@ def test_refine_worker_restarted_while_the_ui_queries_it(
     (_, waited, answer), = asked_while_down
     assert answer == "ok" and waited >= 1.5, f"asked while the worker was down: {answer} after {waited:.1f} s"
     assert slowest <= timeout_s + 5, f"a call took {slowest:.1f} s"
-    assert all(e.startswith("RefineTimeout: no refine worker answered") for e in errors), errors  # clear errors only
+    assert all(e.startswith("RefineTimeout: no refine worker answered") for e in errors), (errors, tracebacks)

@@ -20,6 +20,7 @@ ODD = {"newline": "a\nb.jpg", "right-to-left override": "x\u202egpj.jpg", "tab a
 
 def test_odd_names_are_stored_as_they_are_and_re_embed(settings: Settings, tmp_path: Path,
                                                        reliability: ReliabilitySummary) -> None:
+    from app.encoder_identity import EncoderId
     from app.services.ingest import prepare_storage
     from app.services.reembed import ReembedService, encoder_for
     from ingestion.pipeline import ingest_source
@@ -45,7 +46,7 @@ def test_odd_names_are_stored_as_they_are_and_re_embed(settings: Settings, tmp_p
     assert all(Path(i.source_uri).is_file() for i in items)
 
     # re-embedding reads every file again: none "unreadable"
-    other = encoder_for(settings, "reco-tiny", "", seed=7)
+    other = encoder_for(settings, EncoderId("reco-tiny", "", seed=7))
     progress = ReembedService(settings, other, repo=repo).run()
     assert progress.done == len(ODD) and progress.failed == 0, progress
     counts = repo.status_counts()[other.encoder_id]

@@ -6,12 +6,10 @@ The command runs in-process through ``app.cli.main`` (the console script's entry
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -178,24 +176,11 @@ def test_damaged_vector_store_is_one_line(tiny_env: Path, tmp_path: Path, capsys
     reliability.outcome("cli error", "damaged vector store", "reco", "one line", "one line")
 
 
-@contextlib.contextmanager
-def read_only_folder(folder: Path) -> Iterator[bool]:
-    """A read-only tmpfs on ``folder`` when this machine lets us mount one, else False."""
-    folder.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
-                             capture_output=True).returncode == 0
-    try:
-        yield mounted
-    finally:
-        if mounted:
-            subprocess.run(["umount", "-l", str(folder)], capture_output=True)
-
-
 def test_read_only_and_full_data_dir_are_one_line(tiny_env: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str],
                                                   monkeypatch: pytest.MonkeyPatch,
                                                   reliability: ReliabilitySummary) -> None:
-    from tests.reliability.reliability_support import fill, small_disk
+    from tests.reliability.reliability_support import fill, read_only_folder, small_disk
 
     with read_only_folder(tmp_path / "ro") as mounted:
         if not mounted and os.access(tmp_path, os.W_OK) and os.geteuid() == 0:

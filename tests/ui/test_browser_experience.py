@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 from collections.abc import Callable, Iterator
@@ -14,6 +15,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
+from app.config import Settings
 from tests.ui.conftest import base_settings, start_server, stop_process, val_images
 from tests.ui.test_browser import ARTIFACTS, WAIT_S, _free_port, assert_not_blank, chromium  # noqa: F401
 from ui.cli import launch_ui, stop_ui
@@ -21,12 +23,10 @@ from ui.cli import launch_ui, stop_ui
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
-@pytest.fixture
-def served_base_ui(base_memory: Path, tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """``reco serve`` over a copy of the base memory, and the UI (its client) on a free port."""
-    data_dir = tmp_path / "data"
-    shutil.copytree(base_memory, data_dir)
-    settings = base_settings(data_dir)
+@contextlib.contextmanager
+def serve_with_ui(settings: Settings, tmp_path: Path, *, show_logs: bool = False) -> Iterator[str]:
+    """``reco serve`` with ``settings`` and the UI (its client) on a free port; the UI's URL. Logs in
+    ``tmp_path`` (serve.log, streamlit.log), their tails printed at the end with ``show_logs``."""
     server = start_server(settings, tmp_path / "serve.log")
     port = _free_port()
     try:
@@ -34,13 +34,23 @@ def served_base_ui(base_memory: Path, tmp_path: Path) -> Iterator[tuple[str, Pat
             process = launch_ui(settings, port, block=False, headless=True, log=log)
             assert process is not None
             try:
-                yield f"http://127.0.0.1:{port}/", data_dir
+                yield f"http://127.0.0.1:{port}/"
             finally:
                 stop_ui(process)
     finally:
         stop_process(server)
-        print((tmp_path / "streamlit.log").read_text(errors="replace")[-3000:])
-        print((tmp_path / "serve.log").read_text(errors="replace")[-3000:])
+        if show_logs:
+            print((tmp_path / "streamlit.log").read_text(errors="replace")[-3000:])
+            print((tmp_path / "serve.log").read_text(errors="replace")[-3000:])
+
+
+@pytest.fixture
+def served_base_ui(base_memory: Path, tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """``reco serve`` over a copy of the base memory, and the UI (its client) on a free port."""
+    data_dir = tmp_path / "data"
+    shutil.copytree(base_memory, data_dir)
+    with serve_with_ui(base_settings(data_dir), tmp_path, show_logs=True) as url:
+        yield url, data_dir
 
 
 def _body(driver: WebDriver) -> Callable[[], str]:
@@ -172,19 +182,8 @@ def served_fused_ui(prepared_memory: Path, tmp_path: Path) -> Iterator[str]:
 
     data_dir = tmp_path / "data"
     shutil.copytree(prepared_memory, data_dir)
-    settings = memory_settings(data_dir)
-    server = start_server(settings, tmp_path / "serve.log")
-    port = _free_port()
-    try:
-        with (tmp_path / "streamlit.log").open("wb") as log:
-            process = launch_ui(settings, port, block=False, headless=True, log=log)
-            assert process is not None
-            try:
-                yield f"http://127.0.0.1:{port}/"
-            finally:
-                stop_ui(process)
-    finally:
-        stop_process(server)
+    with serve_with_ui(memory_settings(data_dir), tmp_path) as url:
+        yield url
 
 
 def test_text_side_explanation_in_chromium(served_fused_ui: str, chromium: WebDriver) -> None:  # noqa: F811

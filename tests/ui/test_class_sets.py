@@ -12,7 +12,6 @@ from app.schemas import RefineMode
 
 
 def test_prepare_in_chunks_progress_and_restart(ui_data: Path) -> None:
-    from app.services import predict
     from app.services.serving import PredictQuery, ServingService
     from app.zeroshot import ClassEmbeddingCache, ZeroShotClassifier
 
@@ -27,7 +26,7 @@ def test_prepare_in_chunks_progress_and_restart(ui_data: Path) -> None:
         assert whole.refined and whole.classes == 130
         assert seen[-1] == (260, 260) and seen == sorted(seen)
         live = service.live()
-        cache = predict._cache(service.settings)
+        cache = service.predict_caches.class_cache(service.settings)
         assembled = ZeroShotClassifier(labels, live.encoder, refiner=live.refiner.with_k(4),
                                        checkpoint_id=live.checkpoint_label or "none", cache=cache)
         direct = ZeroShotClassifier(labels, live.encoder, refiner=live.refiner.with_k(4),
@@ -36,8 +35,7 @@ def test_prepare_in_chunks_progress_and_restart(ui_data: Path) -> None:
                                    direct.class_embeddings(RefineMode.TEXT), atol=1e-5)
     finally:
         service.close()
-    predict._caches.clear()  # a restart: nothing in process
-    again = ServingService(Settings())
+    again = ServingService(Settings())  # a restart: nothing in process (a new service owns new caches)
     try:
         progress: list[tuple[int, int]] = []
         out = again.prepare_classes(PredictQuery(labels=labels, mode="both"),
@@ -52,13 +50,14 @@ def test_trimmed_text_encoding_is_the_full_pass() -> None:
     """Prompts batched by length and each batch cut to its longest prompt give CLIP's 77-token features."""
     import torch
 
-    from app.encoder.openclip import OpenClipEncoder, _trimmable_text_tower, l2_normalise
+    from app.encoder.openclip import OpenClipEncoder, l2_normalise
+    from app.encoder.text_trim import trimmable_text_tower
 
     encoder = OpenClipEncoder("reco-tiny", "", device="cpu", batch_size=4)
     texts = ["a photo of a hat.", "a much longer prompt about a striped long-sleeve shirt on a wooden floor " * 3,
              "dress", "itap of a t-shirt.", "a photo of a laysan albatross, a type of bird.", "x", "shoes"]
     encoder.encode_texts(["warm-up"])
-    assert _trimmable_text_tower(encoder._model)
+    assert trimmable_text_tower(encoder._model)
     with torch.inference_mode():
         full = l2_normalise(encoder._model.encode_text(encoder._tokenizer(texts)))
     np.testing.assert_allclose(encoder.encode_texts(texts), full, atol=1e-5)

@@ -9,7 +9,14 @@ from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Base, EvalRun
-from app.db.runs import checkpoint_by_sha256, eval_runs, newest_checkpoint, register_checkpoint, store_eval_run
+from app.db.runs import (
+    checkpoint_by_sha256,
+    checkpoints_newest_first,
+    eval_runs,
+    newest_checkpoint,
+    register_checkpoint,
+    store_eval_run,
+)
 
 
 @pytest.fixture
@@ -34,6 +41,8 @@ def test_register_is_idempotent_and_newest_wins(factory: sessionmaker[Session]) 
     assert newest_checkpoint(factory, "nobody") is None
     found = checkpoint_by_sha256(factory, "a" * 64)
     assert found is not None and found.id == first
+    assert [r.id for r in checkpoints_newest_first(factory, "enc")] == [second, first]
+    assert checkpoints_newest_first(factory, "nobody") == []
 
 
 def test_store_eval_run_one_row_per_dataset_and_task(factory: sessionmaker[Session]) -> None:

@@ -74,3 +74,22 @@ def test_open_clip_tag_offline_gives_clear_error(monkeypatch: pytest.MonkeyPatch
     enc = OpenClipEncoder("ViT-B-32", "laion2b_s34b_b79k")
     with pytest.raises(EncoderLoadError, match="local checkpoint"):
         enc.encode_texts(["x"])
+
+
+def test_the_model_is_published_last_when_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``_ensure_loaded`` checks ``_model`` without the lock: a thread that finds it set must find the tokenizer
+    and preprocessing set too (a refine request racing the warm-up thread once called a None tokenizer)."""
+    import open_clip
+
+    encoder = OpenClipEncoder("reco-tiny", "", seed=0)
+    real = open_clip.get_tokenizer
+    seen: list[object] = []
+
+    def get_tokenizer(name: str) -> object:
+        seen.append(encoder._model)  # what a racing thread would see while the tokenizer is being made
+        return real(name)
+
+    monkeypatch.setattr(open_clip, "get_tokenizer", get_tokenizer)
+    encoder.encode_texts(["a caption"])
+    assert seen == [None]
+    assert encoder._tokenizer is not None and encoder._preprocess is not None

@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 
 from app.memory.base import ItemPayload
 from app.memory.exact import ExactIndex
+from app.memory.per_image import first_rows_per_image
 from app.retrieval import (
     RetrievalCfg,
-    dedupe_rows_by_image,
     find_neighbours,
     gather_embeddings,
     retrieve_online,
@@ -135,7 +135,7 @@ def test_dedupe_invariants(width: int, k: int, n_images: int, seed: int, invalid
     scores = np.round(rng.normal(size=(3, width)), 1).astype(np.float32)  # rounded: plenty of ties
     rows[:, width - min(invalid, width):] = -1
     scores[rows < 0] = -np.inf
-    out_rows, out_scores = dedupe_rows_by_image(rows, scores, codes, k)
+    out_rows, out_scores = first_rows_per_image(rows, scores, codes, k)
     assert out_rows.shape == out_scores.shape == (3, k)
     for q in range(3):
         got = out_rows[q][out_rows[q] >= 0]

@@ -11,13 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from app.bench.peer import _peer_result
-from app.bench.precision import GOALS, meets_goals, quality_against, topk_agreement
 from app.config import BASE_MODEL, BASE_PRETRAINED
 from app.encoder import OpenClipEncoder
 from app.encoder.jpeg import decode_jpeg_batch
 from app.encoder.runtime import LinearSelfAttention, Runtime, default_runtime, resolve_runtime
-from app.pretrain.data import CaptionedImages, load_image, read_manifest
+from programs.bench.peer import _peer_result
+from programs.bench.precision import GOALS, meets_goals, quality_against, topk_agreement
+from programs.pretrain.data import CaptionedImages, load_image, read_manifest
 from tests.conftest import SHARED_DATA
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")

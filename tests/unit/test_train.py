@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.config import get_settings
+from app.config import Settings, get_settings
 from app.fusion.checkpoint import load_checkpoint
 from app.fusion.config import FusionCfg, get_fusion_config
+from app.fusion.recipe import PAPER_RECIPE
 from app.fusion.train import TrainingPairs, TrainOptions, cosine_with_warmup, precompute_neighbours, train_fusion
 from app.memory.exact import ExactIndex
 from app.retrieval import RetrievalCfg
@@ -43,6 +44,16 @@ def test_options_come_from_settings_with_paper_defaults() -> None:
     assert options.epochs == 3 and options.query_dropout == 0.0 and not options.gated_init
     assert options.retrieval == RetrievalCfg("uni", "cross", True)
 
+
+
+def test_training_defaults_have_one_source() -> None:
+    """The settings' defaults and TrainOptions' defaults are the paper recipe of app/fusion/recipe.py."""
+    settings = Settings()
+    plain, from_settings = TrainOptions(), TrainOptions.from_settings(settings)
+    for name in ("k", "lr", "weight_decay", "batch_size", "epochs", "warmup_steps", "seed"):
+        assert getattr(plain, name) == getattr(from_settings, name) == getattr(PAPER_RECIPE, name), name
+    assert (PAPER_RECIPE.lr, PAPER_RECIPE.weight_decay, PAPER_RECIPE.batch_size, PAPER_RECIPE.epochs) == (
+        1e-3, 1e-5, 4096, 10)  # the paper's Sec. 4
 
 @pytest.mark.parametrize("extra", [{}, {"query_dropout": 0.3}, {"gated_init": True}])
 def test_training_writes_a_loadable_checkpoint_with_metrics(tmp_path: Path, extra: dict[str, object]) -> None:

@@ -106,10 +106,10 @@ def show_workers(settings: Settings) -> None:
 
 
 def _redacted(url: str) -> str:
-    from sqlalchemy.engine import make_url
+    from app.db.urls import hide_password
 
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        return hide_password(url)
     except Exception:  # noqa: BLE001 - not an SQLAlchemy-style URL: drop everything before the host
         return url.rsplit("@", 1)[-1]
 
