@@ -263,6 +263,34 @@ class VectorMemory(Protocol):
     ) -> list[list[SearchHit]]: ...
 
 
+class PagedPoints:
+    """``scroll`` and ``fetch_vectors`` of an engine that pages and retrieves points by id (Qdrant Edge, a
+    Qdrant server, reco serve's memory over HTTP): the same on each, so written once."""
+
+    def page(
+        self, offset: str | None, limit: int, *, filters: Filters | None = None, with_vectors: bool = False
+    ) -> tuple[list[StoredPoint], str | None]:
+        raise NotImplementedError
+
+    def retrieve(self, item_ids: Sequence[str], *, with_vectors: bool = False) -> list[StoredPoint]:
+        raise NotImplementedError
+
+    def scroll(
+        self, *, filters: Filters | None = None, limit: int = 256, with_vectors: bool = False
+    ) -> Iterator[list[StoredPoint]]:
+        """Pages of points in id order (export, re-embedding, the UI's browser)."""
+        offset: str | None = None
+        while True:
+            points, offset = self.page(offset, limit, filters=filters, with_vectors=with_vectors)
+            if points:
+                yield points
+            if offset is None:
+                return
+
+    def fetch_vectors(self, item_ids: Sequence[str], modality: Modality) -> np.ndarray:
+        return vectors_of(self.retrieve(item_ids, with_vectors=True), item_ids, modality)
+
+
 class MemoryStore(Protocol):
     """The collections of one location (an Edge folder, a Qdrant server) and the live alias."""
 

@@ -5,7 +5,7 @@ images) with the layout's HNSW and quantization parameters."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -20,6 +20,7 @@ from app.memory.base import (
     MemoryMatrices,
     MemoryRecord,
     MemoryStoreError,
+    PagedPoints,
     SearchHit,
     StoredPoint,
     is_item_id,
@@ -27,7 +28,6 @@ from app.memory.base import (
     parse_filters,
     search_distinct,
     sorted_hits,
-    vectors_of,
 )
 from app.memory.layout import MemoryLayout
 from app.schemas import Modality
@@ -68,7 +68,7 @@ def _point(record: Any, with_vectors: bool) -> StoredPoint:
     )
 
 
-class EdgeMemory:
+class EdgeMemory(PagedPoints):
     """One Edge collection (or the alias in front of one): the ``VectorMemory`` of the embedded engine."""
 
     def __init__(self, store: EdgeStore, name: str, layout: MemoryLayout | None = None) -> None:
@@ -131,21 +131,6 @@ class EdgeMemory:
         if not ids or not self.exists():
             return set()
         return {str(r.id) for r in self._shard().retrieve(point_ids=ids, with_payload=False, with_vector=False)}
-
-    def fetch_vectors(self, item_ids: Sequence[str], modality: Modality) -> np.ndarray:
-        return vectors_of(self.retrieve(item_ids, with_vectors=True), item_ids, modality)
-
-    def scroll(
-        self, *, filters: Filters | None = None, limit: int = 256, with_vectors: bool = False
-    ) -> Iterator[list[StoredPoint]]:
-        """Pages of points in id order (export, re-embedding, the browser)."""
-        offset: str | None = None
-        while True:
-            points, offset = self.page(offset, limit, filters=filters, with_vectors=with_vectors)
-            if points:
-                yield points
-            if offset is None:
-                return
 
     def page(
         self, offset: str | None, limit: int, *, filters: Filters | None = None, with_vectors: bool = False

@@ -9,7 +9,7 @@ default is Qdrant Edge (:mod:`app.memory.edge`); both serve the same ``VectorMem
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -24,6 +24,7 @@ from app.memory.base import (
     MemoryMatrices,
     MemoryRecord,
     MemoryStoreError,
+    PagedPoints,
     SearchHit,
     StoredPoint,
     is_item_id,
@@ -31,7 +32,6 @@ from app.memory.base import (
     parse_filters,
     search_distinct,
     sorted_hits,
-    vectors_of,
 )
 from app.memory.layout import MemoryLayout
 from app.schemas import Modality
@@ -147,7 +147,7 @@ class QdrantServerStore:
         self.client.close()
 
 
-class QdrantMemory:
+class QdrantMemory(PagedPoints):
     """One collection on a server (or the alias in front of one)."""
 
     def __init__(self, store: QdrantServerStore, name: str, layout: MemoryLayout | None = None) -> None:
@@ -262,21 +262,6 @@ class QdrantMemory:
         if not ids or not self.exists():
             return set()
         return {str(p.id) for p in self.client.retrieve(self.name, ids=ids, with_payload=False)}
-
-    def fetch_vectors(self, item_ids: Sequence[str], modality: Modality) -> np.ndarray:
-        return vectors_of(self.retrieve(item_ids, with_vectors=True), item_ids, modality)
-
-    def scroll(
-        self, *, filters: Filters | None = None, limit: int = 256, with_vectors: bool = False
-    ) -> Iterator[list[StoredPoint]]:
-        """Pages of points in id order (for export, re-embedding and the UI's browser)."""
-        offset: str | None = None
-        while True:
-            points, offset = self.page(offset, limit, filters=filters, with_vectors=with_vectors)
-            if points:
-                yield points
-            if offset is None:
-                return
 
     def page(
         self, offset: str | None, limit: int, *, filters: Filters | None = None, with_vectors: bool = False

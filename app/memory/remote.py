@@ -6,7 +6,7 @@ When a server owns the embedded memory, every other process opens this store ins
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -17,10 +17,10 @@ from app.memory.base import (
     MemoryMatrices,
     MemoryRecord,
     MemoryStoreError,
+    PagedPoints,
     SearchHit,
     StoredPoint,
     matrices_from_points,
-    vectors_of,
 )
 from app.memory.wire import (
     AliasIn,
@@ -105,7 +105,7 @@ class RemoteStore:
         self.http.close()
 
 
-class RemoteMemory:
+class RemoteMemory(PagedPoints):
     def __init__(self, store: RemoteStore, name: str) -> None:
         self.store = store
         self.name = name
@@ -140,20 +140,6 @@ class RemoteMemory:
 
     def existing_ids(self, item_ids: Sequence[str]) -> set[str]:
         return {p.item_id for p in self.retrieve(item_ids)}
-
-    def fetch_vectors(self, item_ids: Sequence[str], modality: Modality) -> np.ndarray:
-        return vectors_of(self.retrieve(item_ids, with_vectors=True), item_ids, modality)
-
-    def scroll(
-        self, *, filters: Filters | None = None, limit: int = 256, with_vectors: bool = False
-    ) -> Iterator[list[StoredPoint]]:
-        offset: str | None = None
-        while True:
-            points, offset = self.page(offset, limit, filters=filters, with_vectors=with_vectors)
-            if points:
-                yield points
-            if offset is None:
-                return
 
     def page(
         self, offset: str | None, limit: int, *, filters: Filters | None = None, with_vectors: bool = False

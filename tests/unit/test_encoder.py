@@ -69,8 +69,14 @@ def test_bad_names_fail_clearly(tmp_path: Path) -> None:
 
 
 def test_open_clip_tag_offline_gives_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from huggingface_hub import constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    # huggingface_hub reads both at import, which an earlier test may have done: set them where it looks
+    # (else it retries the unreachable hub for ~45 s before the same error)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     enc = OpenClipEncoder("ViT-B-32", "laion2b_s34b_b79k")
     with pytest.raises(EncoderLoadError, match="local checkpoint"):
         enc.encode_texts(["x"])
