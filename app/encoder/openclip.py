@@ -41,6 +41,7 @@ from app.encoder.weights import (
     omitted_prefix_verified,
     resolve_registered_tag,
 )
+from app.encoder_identity import EncoderId
 
 if TYPE_CHECKING:
     from app.config import Settings
@@ -159,7 +160,7 @@ class OpenClipEncoder:
     @property
     def encoder_id(self) -> str:
         if self.is_random:
-            return f"{self.model_name}/random/s{self.seed}"
+            return EncoderId(self.model_name, "", self.seed).format()
         if self._weights_file is None:  # open_clip tag: the file is known only after download
             self._ensure_loaded()
         assert self._weights_file is not None
