@@ -19,10 +19,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from app.fusion.checkpoint import CheckpointMeta, load_checkpoint
 from app.fusion.config import FusionCfg
-from app.fusion.model import RecoFusion
+from app.fusion.model import FusionOutput, MeanFusion, RecoFusion
 from app.memory.base import Filters, SearchHit, VectorMemory, distinct_images
 from app.memory.exact import ExactIndex
 from app.retrieval import RetrievalCfg, find_neighbours, gather_embeddings, retrieve_online
@@ -63,7 +64,8 @@ class Refiner:
 
     ``fallback``: per query modality ("image"/"text"), a similarity threshold chosen on validation: a query
     whose best neighbour scores below it keeps its CLIP embedding (do no harm where the memory cannot help).
-    ``calibration``: the checkpoint's calibration (fallback thresholds, softmax scale per mode).
+    ``calibration``: the checkpoint's calibration (fallback thresholds, softmax scale per mode, and ``mean_mix``:
+    per query modality, the weight of mean fusion blended into the fusion's output, chosen on validation).
     """
 
     def __init__(
@@ -92,6 +94,10 @@ class Refiner:
         if fallback is None:
             fallback = self.calibration.get("fallback") or None
         self.fallback = {str(Modality(m).value): float(t) for m, t in (fallback or {}).items()}
+        self.mean_mix = {str(Modality(m).value): float(w) for m, w in (self.calibration.get("mean_mix") or {}).items()}
+        for modality, weight in self.mean_mix.items():
+            if not 0.0 <= weight <= 1.0:
+                raise ValueError(f"mean_mix for {modality} queries must be in [0, 1], got {weight}")
 
     @property
     def memory_version(self) -> str:
@@ -217,6 +223,11 @@ class Refiner:
             mask = None if valid is None else torch.from_numpy(valid).to(self.device)
             sc = torch.from_numpy(np.ascontiguousarray(scores, np.float32)).to(self.device)
             out = self.model.refine(modality, q, nb, mask, None, sc)
+            mix = self.mean_mix.get(str(Modality(modality).value), 0.0)
+            if mix > 0:  # toward mean fusion, which validation showed trusts an in-domain memory better
+                mean = MeanFusion()(q, nb, mask)
+                out = FusionOutput(F.normalize((1 - mix) * out.embedding + mix * mean.embedding, dim=-1),
+                                   (1 - mix) * out.attention + mix * mean.attention)
         embedding = out.embedding.float().cpu().numpy()
         attention = out.attention.float().cpu().numpy()
         back = self.falls_back(scores, modality)

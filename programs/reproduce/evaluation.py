@@ -83,6 +83,7 @@ def _prompt_embeddings(zs: ZeroShotSet, text_encoder: CachedTexts, caption_like:
 
 def evaluate(ws: Workspace, model: RecoFusion | None, variant: Variant, memory: str, k_infer: int,
              text_encoder: CachedTexts, *, kind: str = "trained", fallback: dict[str, float] | None = None,
+             mean_mix: dict[str, float] | None = None,
              splits: Sequence[str] = ("test", "val")) -> tuple[list[Row], list[Logits]]:
     """Rows for every zero-shot and retrieval set and every mode; a ``mismatched:<set>`` memory evaluates only
     that set's zero-shot. With ``fallback``, the share of queries that kept CLIP is reported per set."""
@@ -93,7 +94,7 @@ def evaluate(ws: Workspace, model: RecoFusion | None, variant: Variant, memory: 
     refiner = None
     if model is not None:
         refiner = CachedRefiner(model, index, ws.neighbours, k=k_infer, retrieval=retrieval, batch_size=4096,
-                                fallback=fallback)
+                                fallback=fallback, calibration={"mean_mix": mean_mix} if mean_mix else None)
     modes = ALL_MODES if refiner is not None else [RefineMode.CLIP]
     rows: list[Row] = []
     logits_out: list[Logits] = []
@@ -146,13 +147,13 @@ def evaluate(ws: Workspace, model: RecoFusion | None, variant: Variant, memory: 
 
 
 def evaluate_all(ws: Workspace, model: RecoFusion | None, variant: Variant, k_infer: int, texts: CachedTexts, *,
-                 fallback: dict[str, float] | None = None, splits: Sequence[str] = ("test", "val"),
-                 ) -> tuple[list[Row], list[Logits]]:
+                 fallback: dict[str, float] | None = None, mean_mix: dict[str, float] | None = None,
+                 splits: Sequence[str] = ("test", "val")) -> tuple[list[Row], list[Logits]]:
     rows: list[Row] = []
     logits: list[Logits] = []
     for memory in ws.memories:
         r, lg = evaluate(ws, model, variant, memory, k_infer, texts, kind=variant.kind, fallback=fallback,
-                         splits=splits)
+                         mean_mix=mean_mix, splits=splits)
         rows += r
         logits += lg
     return rows, logits
@@ -222,8 +223,31 @@ def _top_scores(ws: Workspace, variant: Variant, k_infer: int, texts: CachedText
     return {m: np.concatenate(v) if v else np.zeros(0, np.float32) for m, v in tops.items()}
 
 
-def choose_fallback(ws: Workspace, model: RecoFusion, variant: Variant, k_infer: int, texts: CachedTexts, seed: int
+MEAN_MIX_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)  # weight of mean fusion in the refined embedding
+
+
+def choose_mean_mix(ws: Workspace, model: RecoFusion, variant: Variant, k_infer: int, texts: CachedTexts, seed: int
                     ) -> tuple[dict[str, float] | None, list[dict[str, Any]]]:
+    """Per query modality, the weight of mean fusion blended into the fusion's output with the best validation
+    score: image queries first (text side learned), then text queries; ties keep the smaller weight."""
+    weights = {"image": 0.0, "text": 0.0}
+    tried: list[dict[str, Any]] = []
+    for modality in ("image", "text"):
+        best: tuple[float, float] | None = None
+        for w in MEAN_MIX_GRID:
+            candidate = {**weights, modality: w}
+            rows, _ = evaluate_all(ws, model, variant, k_infer, texts, mean_mix=candidate, splits=("val",))
+            score = validation_score([{**r, "seed": seed} for r in rows])
+            tried.append({"mean_mix": candidate, "validation_score": score})
+            if score is not None and (best is None or score > best[0] + 1e-12):
+                best = (score, w)
+        if best is not None:
+            weights[modality] = best[1]
+    return (weights if any(weights.values()) else None), tried
+
+
+def choose_fallback(ws: Workspace, model: RecoFusion, variant: Variant, k_infer: int, texts: CachedTexts, seed: int,
+                    mean_mix: dict[str, float] | None = None) -> tuple[dict[str, float] | None, list[dict[str, Any]]]:
     """The fallback thresholds (image, text queries) with the best validation score: candidates are quantiles of
     the validation queries' top neighbour score (0 = never fall back; ties keep the smaller quantile)."""
     tops = _top_scores(ws, variant, k_infer, texts)
@@ -231,7 +255,8 @@ def choose_fallback(ws: Workspace, model: RecoFusion, variant: Variant, k_infer:
     best: tuple[float, dict[str, float] | None] | None = None
     for q in FALLBACK_QUANTILES:
         thresholds = None if q == 0 else {m: float(np.quantile(v, q)) for m, v in tops.items() if len(v)}
-        rows, _ = evaluate_all(ws, model, variant, k_infer, texts, fallback=thresholds, splits=("val",))
+        rows, _ = evaluate_all(ws, model, variant, k_infer, texts, fallback=thresholds, mean_mix=mean_mix,
+                               splits=("val",))
         score = validation_score([{**r, "seed": seed} for r in rows])
         tried.append({"quantile": q, "thresholds": thresholds, "validation_score": score})
         if score is not None and (best is None or score > best[0] + 1e-12):

@@ -51,6 +51,7 @@ class Variant(BaseModel):
     augmented_queries: bool = False  # image queries: the base's embeddings of strongly augmented training views
     score_bias: bool = False  # neighbours' search similarities as an attention bias
     fallback: bool = False  # keep CLIP when the top neighbour is below a threshold chosen on validation
+    mean_mix: bool = False  # blend mean fusion into the output (weight per query modality chosen on validation)
     candidate: bool = True  # may be chosen as the project's default recipe (trained variants only)
 
     def train_key(self) -> str:

@@ -26,7 +26,14 @@ from programs.reproduce.diagnostics import (
     neighbour_purity,
     training_leak,
 )
-from programs.reproduce.evaluation import Row, calibrate_scales, choose_fallback, evaluate_all, validation_score
+from programs.reproduce.evaluation import (
+    Row,
+    calibrate_scales,
+    choose_fallback,
+    choose_mean_mix,
+    evaluate_all,
+    validation_score,
+)
 from programs.reproduce.plan import GENERIC, PAPER, ReproPlan, Variant
 from programs.reproduce.training import train_variant
 from programs.reproduce.workspace import CachedTexts, Workspace
@@ -75,15 +82,21 @@ class _Runner:
         model = self.model_for(variant, seed)
         for k_infer in (variant.k, *variant.k_infer):
             fallback: dict[str, float] | None = None
+            mean_mix: dict[str, float] | None = None
             tried: list[dict[str, Any]] = []
+            mixes: list[dict[str, Any]] = []
+            if variant.mean_mix and model is not None:
+                mean_mix, mixes = choose_mean_mix(self.ws, model, variant, k_infer, self.texts, seed)
             if variant.fallback and model is not None:
-                fallback, tried = choose_fallback(self.ws, model, variant, k_infer, self.texts, seed)
-            rows, logits = evaluate_all(self.ws, model, variant, k_infer, self.texts, fallback=fallback)
+                fallback, tried = choose_fallback(self.ws, model, variant, k_infer, self.texts, seed, mean_mix)
+            rows, logits = evaluate_all(self.ws, model, variant, k_infer, self.texts, fallback=fallback,
+                                        mean_mix=mean_mix)
             extra = {"variant": variant.name, "k": variant.k, "k_infer": k_infer}
             scales, ece_rows = calibrate_scales(logits, extra)
             self.out.rows += [{**r, "seed": seed} for r in (*rows, *ece_rows)]
             self.out.calibration[calibration_key(variant.name, seed, k_infer)] = {
-                "fallback": fallback, "fallback_candidates": tried, "softmax_scale": scales}
+                "fallback": fallback, "fallback_candidates": tried, "mean_mix": mean_mix, "mean_mix_candidates": mixes,
+                "softmax_scale": scales}
 
 
 def choose_default(rows: Sequence[Row], plan: ReproPlan) -> tuple[str, list[dict[str, Any]]]:
