@@ -63,7 +63,7 @@ class Refiner:
 
     ``fallback``: per query modality ("image"/"text"), a similarity threshold chosen on validation: a query
     whose best neighbour scores below it keeps its CLIP embedding (do no harm where the memory cannot help).
-    ``calibration``: the checkpoint's calibration (fallback thresholds, softmax scale per mode).
+    ``calibration``: the checkpoint's calibration (fallback thresholds, softmax scale per mode, recommended mode).
     """
 
     def __init__(
@@ -101,6 +101,16 @@ class Refiner:
         """The logit scale of this checkpoint's probabilities for ``mode`` (chosen on validation), else 100."""
         scales = self.calibration.get("softmax_scale") or {}
         return float(scales.get(str(RefineMode(mode).value), DEFAULT_SOFTMAX_SCALE))
+
+    def recommended_mode(self, task: str = "zeroshot") -> RefineMode:
+        """The inference mode chosen on validation for ``task`` ("zeroshot"/"retrieval"), so that a caller who
+        names none gets what this checkpoint was measured best with; none recorded (or unknown): the paper's both."""
+        modes = self.calibration.get("recommended_mode")
+        chosen = modes.get(task) if isinstance(modes, dict) else None
+        try:
+            return RefineMode(chosen) if chosen is not None else RefineMode.BOTH
+        except ValueError:
+            return RefineMode.BOTH
 
     def falls_back(self, scores: np.ndarray, modality: Modality) -> np.ndarray:
         """(n,) bool: queries whose best neighbour score is below the fallback threshold (none: all False)."""
