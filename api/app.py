@@ -94,7 +94,7 @@ class CoverageBody(BaseModel):
 
 
 class PrepareBody(CoverageBody):
-    mode: RefineMode = RefineMode.BOTH
+    mode: RefineMode | None = None  # omitted: the checkpoint's validated mode
     k: int | None = Field(default=None, ge=1, le=1000)
     templates: str | None = Field(default=None, max_length=200)
 
@@ -194,7 +194,7 @@ def create_app(settings: Settings, service: ServingService, *, uploads: Any = No
         images: Annotated[list[UploadFile], File(description="One or more images")],
         labels: Annotated[list[str] | None, Form(description="Class names (repeat, or comma-separated)")] = None,
         class_set: Annotated[str | None, Form(description="A dataset's classes.txt by name")] = None,
-        mode: Annotated[RefineMode, Form()] = RefineMode.BOTH,
+        mode: Annotated[RefineMode | None, Form(description="omitted: the checkpoint's validated mode")] = None,
         k: Annotated[int | None, Form(ge=1, le=1000, description="k' neighbours")] = None,
         top: Annotated[int, Form(ge=1, le=100)] = 5,
         templates: Annotated[str | None, Form(max_length=200)] = None,

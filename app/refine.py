@@ -56,6 +56,27 @@ def memory_version_of(memory: VectorMemory) -> str:
     return f"{name}:{memory.count()}"
 
 
+TASKS = ("retrieval", "zeroshot")
+
+
+def _mean_mix_of(value: Any) -> dict[str, dict[str, float]]:
+    """``{task: {modality: weight}}`` from a checkpoint's ``mean_mix`` (a flat ``{modality: weight}`` applies to
+    every task); each weight in [0, 1]."""
+    if not value:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"mean_mix must be a mapping, got {value!r}")
+    per_task = value if set(value) <= set(TASKS) else {task: value for task in TASKS}
+    out: dict[str, dict[str, float]] = {}
+    for task, weights in per_task.items():
+        out[task] = {}
+        for modality, weight in (weights or {}).items():
+            if not 0.0 <= float(weight) <= 1.0:
+                raise ValueError(f"mean_mix for {task} {modality} queries must be in [0, 1], got {weight}")
+            out[task][str(Modality(modality).value)] = float(weight)
+    return out
+
+
 DEFAULT_SOFTMAX_SCALE = 100.0  # CLIP's fixed logit scale: used when a checkpoint carries no calibrated one
 
 
@@ -64,8 +85,10 @@ class Refiner:
 
     ``fallback``: per query modality ("image"/"text"), a similarity threshold chosen on validation: a query
     whose best neighbour scores below it keeps its CLIP embedding (do no harm where the memory cannot help).
-    ``calibration``: the checkpoint's calibration (fallback thresholds, softmax scale per mode, and ``mean_mix``:
-    per query modality, the weight of mean fusion blended into the fusion's output, chosen on validation).
+    ``calibration``: the checkpoint's calibration (fallback thresholds, softmax scale per mode, recommended mode,
+    and ``mean_mix``: per task and query modality, the weight of mean fusion blended into the fusion's output).
+    ``task``: what the refined embeddings are for, ``retrieval`` (search, the default) or ``zeroshot`` (class
+    prompts and the images classified against them): validation chose the blend per task.
     """
 
     def __init__(
@@ -80,6 +103,7 @@ class Refiner:
         batch_size: int = 1024,
         fallback: dict[str, float] | None = None,
         calibration: dict[str, Any] | None = None,
+        task: str = "retrieval",
     ) -> None:
         if filters and isinstance(memory, ExactIndex):
             raise ValueError("filter the exact index when building it (ExactIndex.subset), not per query")
@@ -94,10 +118,10 @@ class Refiner:
         if fallback is None:
             fallback = self.calibration.get("fallback") or None
         self.fallback = {str(Modality(m).value): float(t) for m, t in (fallback or {}).items()}
-        self.mean_mix = {str(Modality(m).value): float(w) for m, w in (self.calibration.get("mean_mix") or {}).items()}
-        for modality, weight in self.mean_mix.items():
-            if not 0.0 <= weight <= 1.0:
-                raise ValueError(f"mean_mix for {modality} queries must be in [0, 1], got {weight}")
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        self.task = task
+        self.mean_mix = _mean_mix_of(self.calibration.get("mean_mix"))
 
     @property
     def memory_version(self) -> str:
@@ -108,6 +132,16 @@ class Refiner:
         scales = self.calibration.get("softmax_scale") or {}
         return float(scales.get(str(RefineMode(mode).value), DEFAULT_SOFTMAX_SCALE))
 
+    def recommended_mode(self, task: str = "zeroshot") -> RefineMode:
+        """The inference mode chosen on validation for ``task`` ("zeroshot"/"retrieval"), so that a caller who
+        names none gets what this checkpoint was measured best with; none recorded (or unknown): the paper's both."""
+        modes = self.calibration.get("recommended_mode")
+        chosen = modes.get(task) if isinstance(modes, dict) else None
+        try:
+            return RefineMode(chosen) if chosen is not None else RefineMode.BOTH
+        except ValueError:
+            return RefineMode.BOTH
+
     def falls_back(self, scores: np.ndarray, modality: Modality) -> np.ndarray:
         """(n,) bool: queries whose best neighbour score is below the fallback threshold (none: all False)."""
         scores = np.atleast_2d(np.asarray(scores, np.float32))
@@ -116,6 +150,20 @@ class Refiner:
             return np.zeros(len(scores), bool)
         top = scores.max(axis=1) if scores.shape[1] else np.full(len(scores), -np.inf, np.float32)
         return np.asarray(top < threshold)
+
+    def for_task(self, task: str) -> Refiner:
+        """The same model and memory refining for ``task`` (its own blend with mean fusion); shares the weights."""
+        if task == self.task:
+            return self
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        clone = copy.copy(self)
+        clone.task = task
+        return clone
+
+    def mix_for(self, modality: Modality) -> float:
+        """Weight of mean fusion in this task's refined ``modality`` queries (0: the fusion alone)."""
+        return self.mean_mix.get(self.task, {}).get(str(Modality(modality).value), 0.0)
 
     def with_k(self, k: int | None) -> Refiner:
         """The same model and memory with another k' (a request's own); shares the weights."""
@@ -223,7 +271,7 @@ class Refiner:
             mask = None if valid is None else torch.from_numpy(valid).to(self.device)
             sc = torch.from_numpy(np.ascontiguousarray(scores, np.float32)).to(self.device)
             out = self.model.refine(modality, q, nb, mask, None, sc)
-            mix = self.mean_mix.get(str(Modality(modality).value), 0.0)
+            mix = self.mix_for(modality)
             if mix > 0:  # toward mean fusion, which validation showed trusts an in-domain memory better
                 mean = MeanFusion()(q, nb, mask)
                 out = FusionOutput(F.normalize((1 - mix) * out.embedding + mix * mean.embedding, dim=-1),

@@ -46,7 +46,7 @@ class SearchQuery:
 class Backend(Protocol):
     name: str
 
-    def predict(self, data: bytes, classes: Sequence[str], mode: RefineMode, k: int) -> PredictionOut: ...
+    def predict(self, data: bytes, classes: Sequence[str], mode: RefineMode | None, k: int) -> PredictionOut: ...
 
     def search(self, query: SearchQuery, *, reco: bool, k: int) -> SearchAnswer: ...
 
@@ -67,7 +67,7 @@ class ServingBackend:
         self.service = service
         self.name = name
 
-    def predict(self, data: bytes, classes: Sequence[str], mode: RefineMode, k: int) -> PredictionOut:
+    def predict(self, data: bytes, classes: Sequence[str], mode: RefineMode | None, k: int) -> PredictionOut:
         query = PredictQuery(labels=list(classes), mode=mode, k=k, top=TOP)
         return self.service.predict([("image", data)], query)[0]
 
@@ -90,8 +90,8 @@ class WorkerBackend:
     def __init__(self, client: RefineClientLike) -> None:
         self.client = client
 
-    def predict(self, data: bytes, classes: Sequence[str], mode: RefineMode, k: int) -> PredictionOut:
-        out = self.client.predict(data, list(classes), mode=str(mode), k=k)
+    def predict(self, data: bytes, classes: Sequence[str], mode: RefineMode | None, k: int) -> PredictionOut:
+        out = self.client.predict(data, list(classes), mode=None if mode is None else str(mode), k=k)
         return PredictionOut.model_validate(out | {"via": self.name})
 
     def search(self, query: SearchQuery, *, reco: bool, k: int) -> SearchAnswer:

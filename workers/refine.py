@@ -59,7 +59,8 @@ class RefineRuntime:
         from app.services.serving import PredictQuery
 
         started = time.perf_counter()
-        query = PredictQuery(labels=classes, mode=RefineMode(mode or RefineMode.BOTH), k=k, top=top)
+        # no mode: the serving service uses the checkpoint's validated one
+        query = PredictQuery(labels=classes, mode=RefineMode(mode) if mode else None, k=k, top=top)
         answer = self.service.predict([("image", base64.b64decode(image_b64))], query)[0]
         return answer.model_dump(mode="json") | {"latency_ms": self._observe("predict", started)}
 

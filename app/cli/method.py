@@ -125,7 +125,8 @@ def predict(
     image: Annotated[Path, typer.Option(help="Image file.")],
     classes: Annotated[Path | None, typer.Option(help="classes.txt: one class name per line.")] = None,
     labels: Annotated[str | None, typer.Option(help="Comma-separated class names (instead of --classes).")] = None,
-    mode: Annotated[str, typer.Option(help="clip | image | text | both.")] = "both",
+    mode: Annotated[str | None, typer.Option(
+        help="clip | image | text | both (default: the checkpoint's validated mode, both when it has none).")] = None,
     top: Annotated[int, typer.Option(min=1)] = 5,
     k: Annotated[int | None, typer.Option(help="k' (default RECO_K_INFER).")] = None,
     templates: Annotated[str | None, typer.Option(help="single | clip-short | a file.")] = None,

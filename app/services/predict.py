@@ -39,7 +39,7 @@ class PredictRequest(BaseModel):
     image_bytes: bytes = Field(repr=False)
     classes: list[str] = Field(min_length=1)
     templates: str | None = None
-    mode: RefineMode = RefineMode.BOTH
+    mode: RefineMode | None = None  # none: the checkpoint's validated mode (both when it has none)
     top: int = Field(default=5, ge=1)
     k: int | None = Field(default=None, ge=1)
     checkpoint: Path | None = None
@@ -59,7 +59,7 @@ class NeighbourOut(BaseModel):
 
 
 class PredictResponse(BaseModel):
-    mode: RefineMode
+    mode: RefineMode  # the mode used: the request's, else the checkpoint's validated one
     encoder_id: str
     checkpoint: str | None
     predictions: list[ClassScore]
@@ -160,6 +160,11 @@ def predict_image(
             memory = memory or memory_for_encoder(settings, encoder.encoder_id)
             loaded, checkpoint = _load_refiner(settings, request, encoder.encoder_id, memory, session_factory,
                                                caches)
+    mode = request.mode
+    if mode is None:  # the mode this checkpoint was validated with (both without one, as the paper)
+        mode = loaded.recommended_mode() if loaded is not None else RefineMode.BOTH
+        if mode is RefineMode.CLIP:  # as a request naming clip: no refiner, no checkpoint
+            loaded, checkpoint = None, None
     refiner_obj = loaded
     # CLIP's probabilities: the scale calibrated with the loaded checkpoint when the caller has one, else 100.
     clip_scale = refiner[0].softmax_scale(RefineMode.CLIP) if refiner is not None else None
@@ -168,19 +173,19 @@ def predict_image(
                                     clip_softmax_scale=clip_scale)
     v = encoder.encode_images([image])[0] if image_vector is None else np.asarray(image_vector, np.float32)
     refinement: Refinement | None = None
-    if refiner_obj is not None and request.mode in (RefineMode.IMAGE, RefineMode.BOTH):
+    if refiner_obj is not None and mode in (RefineMode.IMAGE, RefineMode.BOTH):
         refinement = refiner_obj.refine_image(v)
         v = refinement.vector
-    logits = classifier.class_embeddings(request.mode) @ v
-    probs = np.exp(classifier.softmax_scale(request.mode) * (logits - logits.max()))
+    logits = classifier.class_embeddings(mode) @ v
+    probs = np.exp(classifier.softmax_scale(mode) * (logits - logits.max()))
     probs /= probs.sum()
     order = np.argsort(-logits)[: request.top]
     return PredictResponse(
-        mode=request.mode, encoder_id=encoder.encoder_id, checkpoint=checkpoint,
+        mode=mode, encoder_id=encoder.encoder_id, checkpoint=checkpoint,
         predictions=[ClassScore(label=int(i), name=request.classes[i], score=float(probs[i])) for i in order],
         neighbours=[NeighbourOut(item_id=n.item_id, score=n.score, attention=n.attention, caption=n.caption)
                     for n in (refinement.neighbours if refinement else [])],
         self_attention=refinement.self_attention if refinement else None,
         fell_back=bool(refinement.fell_back) if refinement else False,
-        softmax_scale=classifier.softmax_scale(request.mode),
+        softmax_scale=classifier.softmax_scale(mode),
     )

@@ -38,7 +38,9 @@ class ServingClient:
         return self.http.server.url
 
     def predict(self, images: list[tuple[str, bytes]], query: PredictQuery) -> list[PredictionOut]:
-        form: dict[str, Any] = {"mode": str(query.mode), "top": str(query.top)}
+        form: dict[str, Any] = {"top": str(query.top)}
+        if query.mode is not None:  # omitted: the server's checkpoint picks its validated mode
+            form["mode"] = str(query.mode)
         if query.k is not None:
             form["k"] = str(query.k)
         if query.templates:

@@ -42,7 +42,8 @@ class PredictQuery(BaseModel):
 
     labels: list[str] | None = Field(default=None, max_length=MAX_CLASSES)
     class_set: str | None = Field(default=None, max_length=128)
-    mode: RefineMode = RefineMode.BOTH
+    mode: RefineMode | None = Field(default=None, description="none: the loaded checkpoint's validated mode "
+                                                            "(both when it has none)")
     k: int | None = Field(default=None, ge=1, le=1000, description="k' neighbours (default RECO_K_INFER)")
     top: int = Field(default=5, ge=1, le=100)
     templates: str | None = Field(default=None, max_length=200)
@@ -107,7 +108,7 @@ class PredictionOut(BaseModel):
     name: str
     clip: list[ClassScore]
     reco: list[ClassScore] | None = None
-    mode: RefineMode
+    mode: RefineMode  # the mode used: the query's, else the checkpoint's validated one
     k: int
     encoder_id: str
     checkpoint: str | None = None

@@ -28,6 +28,14 @@ from app.services.serving_models import (
 )
 
 
+def mode_for(query: PredictQuery, live: _Live) -> RefineMode:
+    """The query's mode; none named: the live checkpoint's validated zero-shot mode (both without a checkpoint,
+    where the answer then says RECO is unavailable)."""
+    if query.mode is not None:
+        return query.mode
+    return live.refiner.recommended_mode("zeroshot") if live.refiner is not None else RefineMode.BOTH
+
+
 class PredictServing(ServingBase):
     """Predictions (see :class:`app.services.serving.ServingService`)."""
 
@@ -52,7 +60,7 @@ class PredictServing(ServingBase):
         classes = self.resolve_classes(query)
         live = self.live()
         k = query.k or self.settings.k_infer
-        refines = query.mode in (RefineMode.TEXT, RefineMode.BOTH) and live.refiner is not None
+        refines = mode_for(query, live) in (RefineMode.TEXT, RefineMode.BOTH) and live.refiner is not None
         total = len(classes) * (2 if refines else 1)
         cache = self.predict_caches.class_cache(self.settings)
         hits = cache.hits
@@ -73,6 +81,7 @@ class PredictServing(ServingBase):
         self.last_request = time.monotonic()
         classes = self.resolve_classes(query)
         live = self.live()
+        mode = mode_for(query, live)
         k = query.k or self.settings.k_infer
         fit = getattr(live.encoder, "image_size", None)  # downscaled right after decoding: bounded memory
         decoded = [open_image_safely(data, self.limits, fit=fit) for _, data in images]  # ImageRejected: a 4xx
@@ -88,11 +97,11 @@ class PredictServing(ServingBase):
                                      caches=self.predict_caches)
 
             clip = run(RefineMode.CLIP)
-            answer = PredictionOut(name=name, clip=clip.predictions, mode=query.mode, k=k,
+            answer = PredictionOut(name=name, clip=clip.predictions, mode=mode, k=k,
                                    encoder_id=live.encoder.encoder_id)
             if live.memory is not None:
                 answer.relatedness = self.relatedness(live, vector)
-            if query.mode is RefineMode.CLIP:
+            if mode is RefineMode.CLIP:
                 out.append(answer)
                 continue
             if loaded is None:
@@ -100,7 +109,7 @@ class PredictServing(ServingBase):
                 out.append(answer)
                 continue
             try:
-                reco = run(query.mode)
+                reco = run(mode)
             except (MethodError, MemoryStoreError) as exc:
                 answer.reco_unavailable = str(exc)
                 out.append(answer)
@@ -108,13 +117,13 @@ class PredictServing(ServingBase):
             answer.reco, answer.checkpoint = reco.predictions, reco.checkpoint
             answer.self_attention = reco.self_attention
             threshold = live.refiner.fallback.get("image") if live.refiner is not None else None
-            if threshold is not None and query.mode in (RefineMode.IMAGE, RefineMode.BOTH) and reco.neighbours:
+            if threshold is not None and mode in (RefineMode.IMAGE, RefineMode.BOTH) and reco.neighbours:
                 answer.fallback_threshold = float(threshold)
                 answer.fell_back = max(n.score for n in reco.neighbours) < threshold
             answer.neighbours = self._with_metadata([
                 NeighbourOut(item_id=n.item_id, caption=n.caption or "", score=n.score, attention=n.attention)
                 for n in reco.neighbours])
-            if query.mode in (RefineMode.TEXT, RefineMode.BOTH):
+            if mode in (RefineMode.TEXT, RefineMode.BOTH):
                 answer.class_explanations = self._explain_classes(live, [c.name for c in reco.predictions[:3]],
                                                                   query.templates, k)
             out.append(answer)

@@ -162,6 +162,12 @@ def test_predict_clip_and_reco_with_explanations(server: Server) -> None:
         by_set = http.post("/v1/predict", data={"class_set": "clothing10", "mode": "text", "top": "3"},
                            files=[("images", ("a.jpg", _image(), "image/jpeg"))]).json()["predictions"][0]
         assert len(by_set["clip"]) == 3 and by_set["reco"] and by_set["mode"] == "text"
+        # no mode: the checkpoint's validated one, reported as used (this checkpoint records none: both)
+        chosen = http.post("/v1/predict", data={"labels": ",".join(CLASSES), "k": "3"},
+                           files=[("images", ("a.jpg", _image(), "image/jpeg"))]).json()["predictions"][0]
+        assert chosen["mode"] == "both" and len(chosen["reco"]) == 5 and len(chosen["neighbours"]) == 3
+        prepared = http.post("/v1/classes/prepare", json={"labels": CLASSES})
+        assert prepared.status_code == 200 and prepared.json()["refined"], prepared.text
         clip_only = http.post("/v1/predict", data={"labels": ["dress", "hat"], "mode": "clip"},
                               files=[("images", ("a.jpg", _image(), "image/jpeg"))]).json()["predictions"][0]
         assert clip_only["reco"] is None and {s["name"] for s in clip_only["clip"]} == {"dress", "hat"}

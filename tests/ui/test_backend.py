@@ -24,7 +24,8 @@ class FakeClient:
                 k: int | None = None) -> dict[str, Any]:
         self.calls.append(("predict", mode, k))
         names = list(classes)
-        return {"name": "image", "mode": mode, "k": k, "encoder_id": "enc", "clip": _scores(names),
+        # no mode: the worker's service answers with the checkpoint's choice (text here)
+        return {"name": "image", "mode": mode or "text", "k": k, "encoder_id": "enc", "clip": _scores(names),
                 "reco": _scores(names[::-1]) if self.reco else None,
                 "checkpoint": "1:f.safetensors" if self.reco else None,
                 "neighbours": [{"item_id": "a", "score": 0.9, "attention": 0.3, "caption": "cap a"}] if self.reco
@@ -65,3 +66,35 @@ def test_search_through_the_worker() -> None:
     sent = client.calls[0][2]
     assert client.calls[0][1] == "clip" and sent["text"] == "a dog" and sent["filters"] == {"dataset": "d"}
     assert client.calls[1][2]["image_b64"] == "aW1n" and client.calls[1][1] == "both"
+
+
+def test_no_mode_is_left_to_the_checkpoint() -> None:
+    """The page's "checkpoint's choice" sends no mode (never the string "None"); the answer names the one used."""
+    client = FakeClient(reco=True)
+    assert WorkerBackend(client).predict(b"img", ["x"], None, 7).mode is RefineMode.TEXT
+    assert client.calls == [("predict", None, 7)]
+
+    from types import SimpleNamespace
+
+    from app.services.serving import PredictQuery
+    from app.services.serving_client import ServingClient
+
+    sent: list[dict[str, Any]] = []
+
+    class FakeHttp:
+        server = SimpleNamespace(url="http://reco")
+
+        def json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+            sent.append(kwargs.get("data") or kwargs.get("json") or {})
+            if path == "/v1/classes/prepare":
+                return {"classes": 1, "refined": True, "seconds": 0.1, "cached": False}
+            return {"predictions": [{"name": "image", "clip": _scores(["x"]), "mode": "text", "k": 7,
+                                     "encoder_id": "enc"}]}
+
+    served = ServingClient(FakeHttp())  # type: ignore[arg-type]
+    answer = served.predict([("image", b"img")], PredictQuery(labels=["x"], k=7))[0]
+    assert "mode" not in sent[0] and answer.mode is RefineMode.TEXT
+    served.predict([("image", b"img")], PredictQuery(labels=["x"], mode=RefineMode.IMAGE))
+    assert sent[1]["mode"] == "image"
+    served.prepare_classes(PredictQuery(labels=["x"]))
+    assert "mode" not in sent[2]

@@ -31,7 +31,9 @@ def test_widgets_and_random_weights_warning(ui_data: Path) -> None:
     assert at.title[0].value == "Predict"
     assert any("RANDOM WEIGHTS" in w.value for w in at.warning)
     assert at.selectbox(key="predict_dataset").value == "clothing10"
-    assert at.selectbox(key="predict_mode").value == "both" and at.number_input(key="predict_k").value == 4
+    mode = at.selectbox(key="predict_mode")  # first and default: the checkpoint's validated mode
+    assert mode.value == "checkpoint's choice" and mode.options[1:] == ["both", "image", "text"]
+    assert at.number_input(key="predict_k").value == 4
     assert at.file_uploader(key="predict_files").accept_multiple_files
     assert any("Upload an image" in i.value for i in at.info)
 

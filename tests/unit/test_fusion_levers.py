@@ -4,6 +4,7 @@ default checkpoint and the rule that a small checkpoint is never the silent defa
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -131,6 +132,8 @@ def test_the_committed_default_exists_for_the_base_encoder() -> None:
     _, meta = load_checkpoint(committed)
     assert meta.metrics["pairs"] >= MIN_DEFAULT_PAIRS
     assert set(meta.calibration["softmax_scale"]) >= {"clip", "text", "both"}
+    modes = meta.calibration["recommended_mode"]  # the mode a prediction naming none uses
+    assert RefineMode(modes["zeroshot"]) and RefineMode(modes["retrieval"])
     assert committed.with_suffix(".md").is_file() and committed.with_suffix(".json").is_file()
 
 
@@ -161,3 +164,61 @@ def test_a_small_checkpoint_is_never_the_silent_default(tmp_path: Path, monkeypa
     register_checkpoint(factory, path=str(big), sha256="s2", encoder_id="enc", memory_version="m", config={},
                         metrics={"pairs": MIN_DEFAULT_PAIRS})
     assert resolve_checkpoint(settings, "enc", None, factory)[0] == big  # the user trained one on enough pairs
+
+
+def test_the_recommended_mode_comes_from_the_calibration() -> None:
+    world = SyntheticWorld(SyntheticCfg(train_concepts=20, eval_classes=4, memory_per_concept=3, eval_per_class=3))
+    model = RecoFusion(FusionCfg(heads=4), world.dim)
+    memory = world.memory()
+    chosen = Refiner(model, memory, k=4, calibration={"recommended_mode": {"zeroshot": "text", "retrieval": "image"}})
+    assert chosen.recommended_mode() is RefineMode.TEXT and chosen.recommended_mode("zeroshot") is RefineMode.TEXT
+    assert chosen.recommended_mode("retrieval") is RefineMode.IMAGE
+    assert chosen.recommended_mode("other") is RefineMode.BOTH  # no choice for that task: the paper's default
+    assert Refiner(model, memory, k=4).recommended_mode() is RefineMode.BOTH  # no calibration at all
+    for bad in ({"zeroshot": "sideways"}, "text", {"zeroshot": None}):
+        assert Refiner(model, memory, k=4, calibration={"recommended_mode": bad}).recommended_mode() is RefineMode.BOTH
+
+
+def test_a_prediction_without_a_mode_uses_the_checkpoint_choice(tmp_path: Path) -> None:
+    from app.config import Settings
+    from app.refine import refiner_from_checkpoint
+    from app.services.predict import PredictRequest, predict_image
+    from app.services.serving_live import _Live
+    from app.services.serving_models import PredictQuery
+    from app.services.serving_predict import mode_for
+
+    world = SyntheticWorld(SyntheticCfg(train_concepts=20, eval_classes=4, memory_per_concept=3, eval_per_class=3))
+    torch.manual_seed(0)
+    model = RecoFusion(FusionCfg(heads=4), world.dim)
+    meta = CheckpointMeta(config=model.cfg.to_dict(), dim=world.dim, encoder_id=world.encoder_id, memory_version="m",
+                          calibration={"recommended_mode": {"zeroshot": "text", "retrieval": "both"}})
+    path = tmp_path / "chosen.safetensors"
+    save_checkpoint(path, model, meta)
+    memory = world.memory()
+    refiner, _ = refiner_from_checkpoint(path, memory, k=4)
+    assert refiner.recommended_mode() is RefineMode.TEXT  # the choice travels with the checkpoint
+
+    settings = Settings(data_dir=tmp_path / "data")
+    images, _ = world.eval_images()
+
+    def predict(refiner_obj: Refiner, mode: RefineMode | None = None) -> Any:
+        request = PredictRequest(image_bytes=b"", classes=world.class_names, mode=mode, k=4)
+        return predict_image(settings, request, encoder=world, memory=memory, refiner=(refiner_obj, "ck"),  # type: ignore[arg-type]
+                             image_vector=images[0])
+
+    assert PredictRequest(image_bytes=b"", classes=["a"]).mode is None
+    omitted = predict(refiner)
+    assert omitted.mode is RefineMode.TEXT and omitted.neighbours == []  # text: the image is not refined
+    assert omitted.predictions == predict(refiner, RefineMode.TEXT).predictions
+    named = predict(refiner, RefineMode.BOTH)  # a named mode wins over the checkpoint's choice
+    assert named.mode is RefineMode.BOTH and len(named.neighbours) == 4
+    plain = predict(Refiner(model, memory, k=4))  # no choice recorded: both, as before
+    assert plain.mode is RefineMode.BOTH and len(plain.neighbours) == 4
+
+    # the serving service resolves the query's mode once, from the live checkpoint
+    query = PredictQuery(labels=["a", "b"])
+    assert query.mode is None
+    assert mode_for(query, _Live(None, world, memory, refiner=refiner)) is RefineMode.TEXT  # type: ignore[arg-type]
+    assert mode_for(query, _Live(None, world, memory)) is RefineMode.BOTH  # type: ignore[arg-type]
+    assert mode_for(PredictQuery(labels=["a"], mode="image"), _Live(None, world, memory, refiner=refiner)) \
+        is RefineMode.IMAGE  # type: ignore[arg-type]

@@ -23,8 +23,14 @@ from ui.backend import PredictView
 
 CACHE_KEY = "predict_cache"
 MAX_CACHED = 32
-RECO_MODES = [str(RefineMode.BOTH), str(RefineMode.IMAGE), str(RefineMode.TEXT)]
+CHECKPOINT_MODE = "checkpoint's choice"  # no mode sent: the checkpoint's validated one (both when it has none)
+RECO_MODES = [CHECKPOINT_MODE, str(RefineMode.BOTH), str(RefineMode.IMAGE), str(RefineMode.TEXT)]
 PREFERRED_SET = "clothing10"  # the bundled sample's classes: what the demo memory holds
+
+
+def mode_of(choice: str) -> RefineMode | None:
+    """The selectbox's choice as the service's mode: none for the checkpoint's choice."""
+    return None if choice == CHECKPOINT_MODE else RefineMode(choice)
 
 
 def split_labels(text: str) -> list[str]:
@@ -67,7 +73,7 @@ def predict_cached(settings: Settings, name: str, data: bytes, classes: list[str
     cache: dict[tuple[object, ...], PredictView] = st.session_state.setdefault(CACHE_KEY, {})
     if key not in cache:
         with st.spinner(f"Predicting {name} …"):
-            cache[key] = state.backend(settings).predict(data, classes, RefineMode(mode), k)
+            cache[key] = state.backend(settings).predict(data, classes, mode_of(mode), k)
         while len(cache) > MAX_CACHED:
             cache.pop(next(iter(cache)))
     return cache[key]
@@ -183,10 +189,10 @@ def prepare_classes(settings: Settings, classes: list[str], mode: str, k: int) -
     try:
         for start in range(0, len(classes), PREPARE_CHUNK):
             chunk = classes[start: start + PREPARE_CHUNK]
-            service.prepare_classes(PredictQuery(labels=chunk, mode=RefineMode(mode), k=k))
+            service.prepare_classes(PredictQuery(labels=chunk, mode=mode_of(mode), k=k))
             ready = min(len(classes), start + len(chunk))
             bar.progress(ready / len(classes), text=f"Preparing the classes: {ready} of {len(classes)} …")
-        prepared = service.prepare_classes(PredictQuery(labels=classes, mode=RefineMode(mode), k=k))
+        prepared = service.prepare_classes(PredictQuery(labels=classes, mode=mode_of(mode), k=k))
     except (MethodError, MemoryStoreError, LookupError, ValueError) as exc:
         bar.empty()
         st.caption(f"(the class set was not prepared ahead: {exc})")
@@ -225,7 +231,9 @@ def render() -> None:
     with options:
         classes = choose_classes(settings)
         mode = st.selectbox("RECO mode", RECO_MODES, key="predict_mode",
-                            help="both = refine image and class prompts (paper's best for classification)")
+                            help="checkpoint's choice = the mode the fusion checkpoint was validated with "
+                                 "(both when it records none); both = refine image and class prompts (paper's "
+                                 "best for classification)")
         k = int(st.number_input("Neighbours k'", 1, 100, settings.k_infer, key="predict_k"))
     with upload:
         label = (f"Images ({components.ACCEPTED_IMAGES}; up to {settings.max_image_bytes / 2**20:g} MiB and "
