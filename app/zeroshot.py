@@ -231,7 +231,7 @@ class ZeroShotClassifier:
         self.class_names = list(class_names)
         self.text_encoder = text_encoder
         self.templates = resolve_templates(templates)
-        self.refiner = refiner
+        self.refiner = refiner.for_task("zeroshot") if refiner is not None else None  # its validated blend
         self.checkpoint_id = checkpoint_id
         self.cache = cache or ClassEmbeddingCache()
         self.clip_softmax_scale = clip_softmax_scale
@@ -259,6 +259,9 @@ class ZeroShotClassifier:
                          retrieval=self.refiner.retrieval.to_dict())
             if self.refiner.fallback:
                 parts["fallback"] = self.refiner.fallback
+            mix = {m.value: self.refiner.mix_for(m) for m in Modality if self.refiner.mix_for(m)}
+            if mix:
+                parts["mean_mix"] = mix
         return parts
 
     def class_embeddings(self, mode: RefineMode = RefineMode.CLIP,

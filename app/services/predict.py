@@ -165,7 +165,7 @@ def predict_image(
         mode = loaded.recommended_mode() if loaded is not None else RefineMode.BOTH
         if mode is RefineMode.CLIP:  # as a request naming clip: no refiner, no checkpoint
             loaded, checkpoint = None, None
-    refiner_obj = loaded
+    refiner_obj = loaded.for_task("zeroshot") if loaded is not None else None  # the image is classified
     # CLIP's probabilities: the scale calibrated with the loaded checkpoint when the caller has one, else 100.
     clip_scale = refiner[0].softmax_scale(RefineMode.CLIP) if refiner is not None else None
     classifier = ZeroShotClassifier(request.classes, encoder, templates=request.templates, refiner=refiner_obj,

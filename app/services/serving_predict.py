@@ -141,7 +141,7 @@ class PredictServing(ServingBase):
         refiner = live.refiner.with_k(k)
         out = []
         for name, prompt, vector in zip(names, prompts, vectors, strict=True):
-            result = refiner.refine_one(vector, Modality.TEXT)
+            result = refiner.for_task("zeroshot").refine_one(vector, Modality.TEXT)
             out.append(ClassExplanation(name=name, prompt=prompt, self_attention=result.self_attention,
                                         neighbours=self._with_metadata([
                                             NeighbourOut(item_id=n.item_id, caption=n.caption or "", score=n.score,

@@ -332,7 +332,7 @@ def misses(results: Sequence[Row], plan: ReproPlan, meta: dict[str, Any]) -> lis
     from app.zeroshot import SCALE_GRID
 
     default = meta.get("default_variant", PAPER)
-    source = default.removesuffix("+fallback")
+    source = plan.variant(default).train_key() if default in {v.name for v in plan.variants} else default
     lines = ["### What the numbers say about the misses", ""]
     att = meta.get("diagnostics", {}).get("attention_by_variant", {}).get(source)
     if att:

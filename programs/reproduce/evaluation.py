@@ -18,6 +18,7 @@ from app.evaluation.metrics import topk_accuracy
 from app.evaluation.run import REFINES_IMAGE, evaluate_retrieval
 from app.fusion.model import RecoFusion
 from app.memory.exact import ExactIndex
+from app.refine import TASKS
 from app.retrieval import RetrievalCfg, gather_embeddings
 from app.schemas import Modality, RefineMode
 from app.zeroshot import (
@@ -36,6 +37,7 @@ from programs.reproduce.workspace import CachedRefiner, CachedTexts, NeighbourCa
 
 ALL_MODES = list(RefineMode)
 Row = dict[str, Any]
+MeanMix = dict[str, dict[str, float]]  # task -> query modality -> weight (app.refine's calibration["mean_mix"])
 
 
 def templates_for(dataset: str, caption_like: bool) -> str:
@@ -83,7 +85,7 @@ def _prompt_embeddings(zs: ZeroShotSet, text_encoder: CachedTexts, caption_like:
 
 def evaluate(ws: Workspace, model: RecoFusion | None, variant: Variant, memory: str, k_infer: int,
              text_encoder: CachedTexts, *, kind: str = "trained", fallback: dict[str, float] | None = None,
-             mean_mix: dict[str, float] | None = None,
+             mean_mix: MeanMix | None = None,
              splits: Sequence[str] = ("test", "val")) -> tuple[list[Row], list[Logits]]:
     """Rows for every zero-shot and retrieval set and every mode; a ``mismatched:<set>`` memory evaluates only
     that set's zero-shot. With ``fallback``, the share of queries that kept CLIP is reported per set."""
@@ -147,7 +149,7 @@ def evaluate(ws: Workspace, model: RecoFusion | None, variant: Variant, memory: 
 
 
 def evaluate_all(ws: Workspace, model: RecoFusion | None, variant: Variant, k_infer: int, texts: CachedTexts, *,
-                 fallback: dict[str, float] | None = None, mean_mix: dict[str, float] | None = None,
+                 fallback: dict[str, float] | None = None, mean_mix: MeanMix | None = None,
                  splits: Sequence[str] = ("test", "val")) -> tuple[list[Row], list[Logits]]:
     rows: list[Row] = []
     logits: list[Logits] = []
@@ -188,6 +190,12 @@ def calibrate_scales(logits: Sequence[Logits], extra: dict[str, Any]) -> tuple[d
 def validation_score(rows: Sequence[Row]) -> float | None:
     """One number per run on validation only: mean of (zero-shot top-1 over the held-out domain images of every
     memory) and (Flickr8k val R@1 both directions, every memory), each in the mode chosen on validation."""
+    parts = validation_parts(rows)
+    return float(np.mean(list(parts.values()))) if parts else None
+
+
+def validation_parts(rows: Sequence[Row]) -> dict[str, float]:
+    """The two halves of :func:`validation_score`: ``zeroshot`` and ``retrieval`` (each present when measured)."""
     chosen = choose_modes(rows)
     zero_shot, retrieval = [], []
     for r in rows:
@@ -198,8 +206,7 @@ def validation_score(rows: Sequence[Row]) -> float | None:
             zero_shot.append(r["value"])
         elif r["task"] == "retrieval" and r["metric"] in ("i2t_r@1", "t2i_r@1") and r["mode"] == pick.get("retrieval"):
             retrieval.append(r["value"])
-    parts = [float(np.mean(x)) for x in (zero_shot, retrieval) if x]
-    return float(np.mean(parts)) if parts else None
+    return {task: float(np.mean(x)) for task, x in (("zeroshot", zero_shot), ("retrieval", retrieval)) if x}
 
 
 def _top_scores(ws: Workspace, variant: Variant, k_infer: int, texts: CachedTexts) -> dict[str, np.ndarray]:
@@ -223,31 +230,31 @@ def _top_scores(ws: Workspace, variant: Variant, k_infer: int, texts: CachedText
     return {m: np.concatenate(v) if v else np.zeros(0, np.float32) for m, v in tops.items()}
 
 
-MEAN_MIX_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)  # weight of mean fusion in the refined embedding
+MEAN_MIX_GRID = (0.0, 0.5, 1.0)  # weight of mean fusion in the refined embedding (3 x 3 pairs: ~1 min a fusion)
 
 
 def choose_mean_mix(ws: Workspace, model: RecoFusion, variant: Variant, k_infer: int, texts: CachedTexts, seed: int
-                    ) -> tuple[dict[str, float] | None, list[dict[str, Any]]]:
-    """Per query modality, the weight of mean fusion blended into the fusion's output with the best validation
-    score: image queries first (text side learned), then text queries; ties keep the smaller weight."""
-    weights = {"image": 0.0, "text": 0.0}
+                    ) -> tuple[MeanMix | None, list[dict[str, Any]]]:
+    """Per task (zero-shot, retrieval), the weights of mean fusion blended into the fusion's output for image and
+    text queries (a grid over both) with that task's best validation score; ties keep the smaller weights."""
     tried: list[dict[str, Any]] = []
-    for modality in ("image", "text"):
-        best: tuple[float, float] | None = None
-        for w in MEAN_MIX_GRID:
-            candidate = {**weights, modality: w}
-            rows, _ = evaluate_all(ws, model, variant, k_infer, texts, mean_mix=candidate, splits=("val",))
-            score = validation_score([{**r, "seed": seed} for r in rows])
-            tried.append({"mean_mix": candidate, "validation_score": score})
-            if score is not None and (best is None or score > best[0] + 1e-12):
-                best = (score, w)
-        if best is not None:
-            weights[modality] = best[1]
-    return (weights if any(weights.values()) else None), tried
+    best: dict[str, tuple[float, dict[str, float]]] = {}
+    for wi in MEAN_MIX_GRID:
+        for wt in MEAN_MIX_GRID:
+            weights = {"image": wi, "text": wt}
+            rows, _ = evaluate_all(ws, model, variant, k_infer, texts, splits=("val",),
+                                   mean_mix={task: weights for task in TASKS})
+            parts = validation_parts([{**r, "seed": seed} for r in rows])
+            tried.append({"mean_mix": weights, "validation": parts})
+            for task, score in parts.items():
+                if task not in best or score > best[task][0] + 1e-12:
+                    best[task] = (score, weights)
+    chosen = {task: weights for task, (_, weights) in best.items()}
+    return (chosen if any(w for weights in chosen.values() for w in weights.values()) else None), tried
 
 
 def choose_fallback(ws: Workspace, model: RecoFusion, variant: Variant, k_infer: int, texts: CachedTexts, seed: int,
-                    mean_mix: dict[str, float] | None = None) -> tuple[dict[str, float] | None, list[dict[str, Any]]]:
+                    mean_mix: MeanMix | None = None) -> tuple[dict[str, float] | None, list[dict[str, Any]]]:
     """The fallback thresholds (image, text queries) with the best validation score: candidates are quantiles of
     the validation queries' top neighbour score (0 = never fall back; ties keep the smaller quantile)."""
     tops = _top_scores(ws, variant, k_infer, texts)

@@ -1,7 +1,8 @@
 """The project's default fusion checkpoint, written from a ``reco reproduce`` run (issue 16).
 
 The default recipe is the candidate with the best validation score; its fusion for the first main seed is
-saved with the calibration chosen on validation (fallback thresholds, softmax scale per mode), the training
+saved with the calibration chosen on validation (blend toward mean fusion, fallback thresholds, softmax scale per
+mode, inference mode per task), the training
 options, the test figures of the run and a model card, next to a JSON copy of the metadata.
 """
 
@@ -50,6 +51,9 @@ def export_default_checkpoint(folder: Path, ws: Workspace, output: RunOutput, pl
     training = next(t for t in output.training if t["variant"] == variant.train_key() and t["seed"] == seed)
     calibration = dict(output.calibration[calibration_key(variant.name, seed, variant.k)])
     calibration.pop("fallback_candidates", None)
+    calibration.pop("mean_mix_candidates", None)
+    if not calibration.get("mean_mix"):
+        calibration.pop("mean_mix", None)
     calibration["recommended_mode"] = _recommended_mode(output.rows, variant.name, seed, variant.k)
     calibration["validation"] = ("held-out 1-in-5 of the CUB-100, Flowers-12 and Imagenette train images and half "
                                  "of Flickr8k val, with the generic, generic+domain and mismatched memories")
@@ -94,6 +98,8 @@ def _model_card(path: Path, sha: str, meta: CheckpointMeta, description: str, tr
              "- Fallback to CLIP when the best neighbour's search score is below: "
              + (", ".join(f"{m} queries {t:.4f}" for m, t in fallback.items()) if fallback else "never (none helped on "
                                                                                                   "validation)"),
+             "- Blend toward mean fusion (weight of mean fusion per task and query modality): "
+             + (json.dumps(cal["mean_mix"]) if cal.get("mean_mix") else "none (the fusion alone)"),
              "- Softmax logit scale per mode (replaces CLIP's fixed 100): "
              + ", ".join(f"{m} {s:g}" for m, s in scales.items()),
              f"- Mode chosen on validation: {json.dumps(cal.get('recommended_mode', {}))}", "",

@@ -60,10 +60,14 @@ class Variant(BaseModel):
 
 
 def _levers(name: str, description: str, **levers: Any) -> list[Variant]:
-    """A trained lever combination and the same fusion with the validation-chosen fallback toward CLIP."""
+    """A trained lever combination; the same fusion with the validation-chosen fallback toward CLIP; and with the
+    blend toward mean fusion (weights per task chosen on validation) before that fallback."""
     return [Variant(name=name, group="levers", description=description, **levers),
             Variant(name=f"{name}+fallback", group="levers", reuse=name, fallback=True,
-                    description=f"{name}, CLIP kept where the top neighbour is below a validation threshold")]
+                    description=f"{name}, CLIP kept where the top neighbour is below a validation threshold"),
+            Variant(name=f"{name}+mix+fallback", group="levers", reuse=name, fallback=True, mean_mix=True,
+                    description=f"{name}, blended with mean fusion (weights per task and query modality chosen on "
+                                "validation), then the fallback")]
 
 
 def default_variants() -> list[Variant]:
@@ -73,6 +77,8 @@ def default_variants() -> list[Variant]:
         Variant(name=PAPER, group="main", description="paper recipe: uni-modal search, cross-modal fusion, k=10"),
         Variant(name="paper+fallback", group="levers", reuse=PAPER, fallback=True,
                 description="paper recipe, CLIP kept where the top neighbour is below a validation threshold"),
+        Variant(name="paper+mix+fallback", group="levers", reuse=PAPER, fallback=True, mean_mix=True,
+                description="paper recipe blended with mean fusion (weights chosen on validation), then the fallback"),
         Variant(name="mean-fusion", group="ablation", kind="mean", candidate=False,
                 description="mean of the query and its neighbours (no training)"),
         Variant(name="knn-vote", group="ablation", kind="knn", candidate=False,
@@ -88,14 +94,17 @@ def default_variants() -> list[Variant]:
         *_levers("score-bias", "neighbours' search similarities as an attention bias", score_bias=True),
         *_levers("gated+query-dropout", "initialised at mean fusion (learned gate) + query dropout 0.5",
                  gated_init=True, query_dropout=0.5),
-        *_levers("all-levers", "augmented queries + similarity bias + gate at mean fusion + query dropout",
-                 augmented_queries=True, score_bias=True, gated_init=True, query_dropout=0.5),
+        *_levers("gated+query-dropout+exclude-pair", "gate at mean fusion + query dropout; training excludes only "
+                 "the query's own pair, so its image's other captions stay as close neighbours it learns to trust",
+                 gated_init=True, query_dropout=0.5, self_exclusion="pair"),
     ]
 
 
 def extended_variants() -> list[Variant]:
     """Issue 5's variants (k, dedupe, exclusion, extra pairs): run by naming them with ``--variants``."""
     return [
+        *_levers("all-levers", "augmented queries + similarity bias + gate at mean fusion + query dropout",
+                 augmented_queries=True, score_bias=True, gated_init=True, query_dropout=0.5),
         *_levers("aug+score-bias", "augmented queries + similarity bias", augmented_queries=True, score_bias=True),
         *_levers("aug+gated+query-dropout", "augmented queries + gate at mean fusion + query dropout",
                  augmented_queries=True, gated_init=True, query_dropout=0.5),

@@ -92,7 +92,9 @@ def levers_table(results: Sequence[Row], plan: ReproPlan, meta: dict[str, Any]) 
     selection = {s["variant"]: s["validation_score"] for s in meta.get("selection", [])}
     lines = ["## Issue 16's levers, each with and without", "",
              "Top-1 % on test, mode `best`, seeds " + str(list(plan.ablation_seeds)) + " (Δ vs CLIP in brackets); "
-             "`+fallback` = the same fusion with the validation-chosen fallback toward CLIP; `val` = the "
+             "`+fallback` = the same fusion with the validation-chosen fallback toward CLIP; `+mix+fallback` = "
+             "the same fusion blended with mean fusion (weights per task and query modality chosen on validation), "
+             "then the fallback; `val` = the "
              "validation score the default is chosen by.", ""]
     sets = [(d, GENERIC_DOMAIN) for d in ZERO_SHOT_SETS] + [(d, MISMATCHED) for d in DOMAIN_SETS] + [
         ("cifar10", GENERIC)]
@@ -116,6 +118,26 @@ def levers_table(results: Sequence[Row], plan: ReproPlan, meta: dict[str, Any]) 
         body.append([f"`{name}`", *cells, " / ".join(pct(r, std=False) for r in ret),
                      f"{100 * selection[name]:.2f}" if name in selection else "–"])
     return lines + md_table(header, body)
+
+
+def mix_section(plan: ReproPlan, meta: dict[str, Any]) -> list[str]:
+    """The blend weights toward mean fusion each ``+mix`` variant chose on validation, per task and query side."""
+    names = [v.name for v in plan.variants if v.mean_mix]
+    cal = meta.get("calibration", {})
+    body = []
+    for name in names:
+        key = next((k for k in sorted(cal) if k.startswith(f"{name}/")), None)
+        if key is None:
+            continue
+        mix = cal[key].get("mean_mix") or {}
+        body.append([f"`{name}`", *[" / ".join(f"{mix.get(task, {}).get(m, 0.0):g}" for m in ("image", "text"))
+                                    for task in ("zeroshot", "retrieval")]])
+    if not body:
+        return []
+    lines = ["## Blend toward mean fusion: weights chosen on validation (first seed)", "",
+             "Weight of mean fusion in the refined embedding (0 = the trained fusion alone, 1 = mean fusion), image / "
+             "text queries, chosen per task by that task's half of the validation score.", ""]
+    return lines + md_table(["variant", "zero-shot (image / text)", "retrieval (image / text)"], body) + [""]
 
 
 def fallback_section(results: Sequence[Row], plan: ReproPlan, meta: dict[str, Any]) -> list[str]:

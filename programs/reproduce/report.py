@@ -22,6 +22,7 @@ from programs.reproduce.recipe_sections import (
     ece_section,
     fallback_section,
     levers_table,
+    mix_section,
     selection_section,
 )
 from programs.reproduce.tables import diagnostics_section, k_table, near_duplicate_section, variant_table
@@ -54,8 +55,9 @@ def write_markdown(path: Path, results: Sequence[Row], plan: ReproPlan, meta: di
              "that `generic` memory, (b) `generic+domain` = (a) + the captioned train rows of CUB-100, "
              "Flowers-12 and Imagenette, added after training (1 in "
              f"{plan.validation_every} of those images held out as validation, never in the memory), and (c) "
-             "`mismatched` = for each domain set, (a) + the other two domains' rows. Modes, fallback thresholds, "
-             "softmax scales and the default recipe are chosen on validation (Flickr8k val, the held-out domain "
+             "`mismatched` = for each domain set, (a) + the other two domains' rows. Modes, blend weights toward "
+             "mean fusion, fallback thresholds, softmax scales and the default recipe are chosen on validation "
+             "(Flickr8k val, the held-out domain "
              f"images), never on test. Seeds: the paper recipe and the default recipe `{default}` {main_seeds}; "
              f"every other variant {list(plan.ablation_seeds)}"
              + (" (fewer, for the time budget)." if len(plan.ablation_seeds) < len(main_seeds) else "."), ""]
@@ -68,6 +70,7 @@ def write_markdown(path: Path, results: Sequence[Row], plan: ReproPlan, meta: di
     lines += default_retrieval(results, default)
     lines += ece_section(results, default, meta)
     lines += levers_table(results, plan, meta)
+    lines += mix_section(plan, meta)
     lines += fallback_section(results, plan, meta)
     lines += near_duplicate_section(meta)
     _, signs = targets(results, plan)

@@ -61,6 +61,7 @@ class _Runner:
         self.ws, self.plan, self.texts, self.progress = ws, plan, texts, progress
         self.out = RunOutput([], [], 0.0)
         self.done: set[tuple[str, int]] = set()
+        self.mixes: dict[tuple[str, int, int], tuple[dict[str, dict[str, float]] | None, list[dict[str, Any]]]] = {}
 
     def model_for(self, variant: Variant, seed: int) -> RecoFusion | None:
         if variant.kind == "mean":
@@ -82,11 +83,14 @@ class _Runner:
         model = self.model_for(variant, seed)
         for k_infer in (variant.k, *variant.k_infer):
             fallback: dict[str, float] | None = None
-            mean_mix: dict[str, float] | None = None
+            mean_mix: dict[str, dict[str, float]] | None = None
             tried: list[dict[str, Any]] = []
             mixes: list[dict[str, Any]] = []
-            if variant.mean_mix and model is not None:
-                mean_mix, mixes = choose_mean_mix(self.ws, model, variant, k_infer, self.texts, seed)
+            if variant.mean_mix and model is not None:  # one grid per trained fusion, shared by its variants
+                key = (variant.train_key(), seed, k_infer)
+                if key not in self.mixes:
+                    self.mixes[key] = choose_mean_mix(self.ws, model, variant, k_infer, self.texts, seed)
+                mean_mix, mixes = self.mixes[key]
             if variant.fallback and model is not None:
                 fallback, tried = choose_fallback(self.ws, model, variant, k_infer, self.texts, seed, mean_mix)
             rows, logits = evaluate_all(self.ws, model, variant, k_infer, self.texts, fallback=fallback,

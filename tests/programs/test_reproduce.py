@@ -294,7 +294,7 @@ def test_knn_vote_follows_the_neighbours_captions(world, tmp_path: Path) -> None
 
 def test_a_small_plan_writes_the_documented_schema(world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     sets, enc = world
-    names = {"paper", "paper+fallback", "mean-fusion", "knn-vote", "k=5", "aug", "score-bias", "score-bias+fallback",
+    names = {"paper", "paper+fallback", "paper+mix+fallback", "mean-fusion", "knn-vote", "k=5", "aug", "score-bias", "score-bias+fallback",
              "caption-like-prompts", "exclude-pair", "search-cross/fusion-cross"}
     plan = _plan(variants=[v for v in (*default_variants(), *extended_variants()) if v.name in names])
     ws = prepare(enc, tmp_path, tmp_path, plan, datasets=sets, progress=False, augmented=_views(sets))  # type: ignore[arg-type]
@@ -335,12 +335,16 @@ def test_a_small_plan_writes_the_documented_schema(world, tmp_path: Path) -> Non
     assert {r["memory"] for r in rates} == set(ALL_MEMORIES) or output.calibration[
         "score-bias+fallback/0/10"]["fallback"] is None
     assert len(output.calibration["paper+fallback/0/10"]["fallback_candidates"]) >= 2
+    # the blend toward mean fusion: a 3 x 3 grid per trained fusion, one weight pair per task
+    mixed = output.calibration["paper+mix+fallback/0/10"]
+    assert len(mixed["mean_mix_candidates"]) == 9
+    assert mixed["mean_mix"] is None or set(mixed["mean_mix"]) == {"zeroshot", "retrieval"}
     cub_clip = next(r for r in paper_clip if r["dataset"] == "cub100" and r["metric"] == "top1"
                     and r["memory"] == "generic+domain" and r["k_infer"] == 10)
     assert cub_clip["value"] > 0.5
     text = md_path.read_text()
     for part in ("Goals of issue 16", "mismatched", "expected calibration error", "Near-duplicates",
-                 "Why: the measured chain", "levers", "caption-like-prompts"):
+                 "Why: the measured chain", "levers", "caption-like-prompts", "paper+mix+fallback"):
         assert part in text, part
     for png in ("zeroshot.png", "k.png", "options.png"):
         assert (tmp_path / "docs" / "reproduction" / png).stat().st_size > 1000

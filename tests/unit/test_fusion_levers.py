@@ -76,6 +76,34 @@ def test_fallback_keeps_clip_when_the_memory_is_far() -> None:
     assert not guarded.falls_back(np.full((2, 4), -1.0), Modality.TEXT).any()
 
 
+def test_mean_mix_blends_toward_mean_fusion_per_task() -> None:
+    world = SyntheticWorld(SyntheticCfg(train_concepts=20, eval_classes=4, memory_per_concept=3, eval_per_class=3))
+    torch.manual_seed(0)
+    model = RecoFusion(FusionCfg(heads=4), world.dim)
+    memory = world.memory()
+    images, _ = world.eval_images()
+    learned = Refiner(model, memory, k=4).refine_many(images, Modality.IMAGE)
+    mean = Refiner(RecoFusion(FusionCfg(kind="mean"), world.dim), memory, k=4).refine_many(images, Modality.IMAGE)
+    calibration = {"mean_mix": {"zeroshot": {"image": 1.0, "text": 0.0}, "retrieval": {"image": 0.5}}}
+    refiner = Refiner(model, memory, k=4, calibration=calibration)
+    assert refiner.task == "retrieval" and refiner.mix_for(Modality.IMAGE) == 0.5
+    zeroshot = refiner.for_task("zeroshot")
+    assert np.allclose(zeroshot.refine_many(images, Modality.IMAGE), mean, atol=1e-5)  # weight 1: mean fusion
+    half = refiner.refine_many(images, Modality.IMAGE)
+    assert np.allclose(half, _unit(learned + mean), atol=1e-5)  # weight 0.5: the normalised midpoint
+    assert not np.allclose(half, learned, atol=1e-3)
+    one = zeroshot.refine_image(images[0])
+    assert abs(one.self_attention + sum(n.attention for n in one.neighbours) - 1.0) < 1e-5  # still a distribution
+    flat = Refiner(model, memory, k=4, calibration={"mean_mix": {"image": 1.0}})  # one blend for every task
+    assert flat.mix_for(Modality.IMAGE) == flat.for_task("zeroshot").mix_for(Modality.IMAGE) == 1.0
+    classifier = ZeroShotClassifier(["a", "b"], world, refiner=refiner)
+    assert classifier.refiner is not None and classifier.refiner.task == "zeroshot"  # class prompts: zero-shot blend
+    with pytest.raises(ValueError, match="mean_mix"):
+        Refiner(model, memory, k=4, calibration={"mean_mix": {"image": 1.5}})
+    with pytest.raises(ValueError, match="task"):
+        refiner.for_task("ranking")
+
+
 def test_ece_and_the_fitted_scale() -> None:
     rng = np.random.default_rng(0)
     n, classes = 4000, 5
