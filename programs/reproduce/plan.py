@@ -97,6 +97,9 @@ def default_variants() -> list[Variant]:
         *_levers("gated+query-dropout+exclude-pair", "gate at mean fusion + query dropout; training excludes only "
                  "the query's own pair, so its image's other captions stay as close neighbours it learns to trust",
                  gated_init=True, query_dropout=0.5, self_exclusion="pair"),
+        *_levers("gated+query-dropout+clothing10-pairs", "gate at mean fusion + query dropout; class-captioned pairs "
+                 "(clothing10 train, never evaluated) join the training pairs and training memory",
+                 gated_init=True, query_dropout=0.5, extra_pairs=("clothing10",)),
     ]
 
 
