@@ -294,7 +294,8 @@ def test_knn_vote_follows_the_neighbours_captions(world, tmp_path: Path) -> None
 
 def test_a_small_plan_writes_the_documented_schema(world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     sets, enc = world
-    names = {"paper", "paper+fallback", "paper+mix+fallback", "mean-fusion", "knn-vote", "k=5", "aug", "score-bias", "score-bias+fallback",
+    names = {"paper", "paper+fallback", "paper+mix+fallback", "mean-fusion", "knn-vote", "k=5", "aug", "score-bias",
+             "score-bias+fallback",
              "caption-like-prompts", "exclude-pair", "search-cross/fusion-cross"}
     plan = _plan(variants=[v for v in (*default_variants(), *extended_variants()) if v.name in names])
     ws = prepare(enc, tmp_path, tmp_path, plan, datasets=sets, progress=False, augmented=_views(sets))  # type: ignore[arg-type]
