@@ -59,6 +59,19 @@ def memory_version_of(memory: VectorMemory) -> str:
 TASKS = ("retrieval", "zeroshot")
 
 
+def _checked_task(task: str) -> str:
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    return task
+
+
+def mode_or_recommended(mode: RefineMode | None, refiner: Refiner | None) -> RefineMode:
+    """The caller's mode; none named: the refiner's checkpoint's validated zero-shot mode (both without one)."""
+    if mode is not None:
+        return mode
+    return refiner.recommended_mode("zeroshot") if refiner is not None else RefineMode.BOTH
+
+
 def _mean_mix_of(value: Any) -> dict[str, dict[str, float]]:
     """``{task: {modality: weight}}`` from a checkpoint's ``mean_mix`` (a flat ``{modality: weight}`` applies to
     every task); each weight in [0, 1]."""
@@ -118,9 +131,7 @@ class Refiner:
         if fallback is None:
             fallback = self.calibration.get("fallback") or None
         self.fallback = {str(Modality(m).value): float(t) for m, t in (fallback or {}).items()}
-        if task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-        self.task = task
+        self.task = _checked_task(task)
         self.mean_mix = _mean_mix_of(self.calibration.get("mean_mix"))
 
     @property
@@ -155,10 +166,8 @@ class Refiner:
         """The same model and memory refining for ``task`` (its own blend with mean fusion); shares the weights."""
         if task == self.task:
             return self
-        if task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
         clone = copy.copy(self)
-        clone.task = task
+        clone.task = _checked_task(task)
         return clone
 
     def mix_for(self, modality: Modality) -> float:

@@ -21,7 +21,7 @@ from app.db.factory import SessionFactory
 from app.encoder import Encoder, create_encoder
 from app.imaging import ImageLimits, open_image_safely
 from app.memory.base import VectorMemory
-from app.refine import Refinement, Refiner, refiner_from_checkpoint
+from app.refine import Refinement, Refiner, mode_or_recommended, refiner_from_checkpoint
 from app.schemas import RefineMode
 from app.services.method_common import (
     checkpoint_label,
@@ -160,11 +160,9 @@ def predict_image(
             memory = memory or memory_for_encoder(settings, encoder.encoder_id)
             loaded, checkpoint = _load_refiner(settings, request, encoder.encoder_id, memory, session_factory,
                                                caches)
-    mode = request.mode
-    if mode is None:  # the mode this checkpoint was validated with (both without one, as the paper)
-        mode = loaded.recommended_mode() if loaded is not None else RefineMode.BOTH
-        if mode is RefineMode.CLIP:  # as a request naming clip: no refiner, no checkpoint
-            loaded, checkpoint = None, None
+    mode = mode_or_recommended(request.mode, loaded)
+    if mode is RefineMode.CLIP:  # chosen by the checkpoint: as a request naming clip, no refiner, no checkpoint
+        loaded, checkpoint = None, None
     refiner_obj = loaded.for_task("zeroshot") if loaded is not None else None  # the image is classified
     # CLIP's probabilities: the scale calibrated with the loaded checkpoint when the caller has one, else 100.
     clip_scale = refiner[0].softmax_scale(RefineMode.CLIP) if refiner is not None else None

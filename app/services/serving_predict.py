@@ -13,6 +13,7 @@ import numpy as np
 from app.imaging import open_image_safely
 from app.manifest import load_classes
 from app.memory.base import MemoryStoreError
+from app.refine import mode_or_recommended
 from app.schemas import Modality, RefineMode
 from app.services.method_common import MethodError
 from app.services.predict import PredictRequest, predict_image
@@ -29,11 +30,9 @@ from app.services.serving_models import (
 
 
 def mode_for(query: PredictQuery, live: _Live) -> RefineMode:
-    """The query's mode; none named: the live checkpoint's validated zero-shot mode (both without a checkpoint,
-    where the answer then says RECO is unavailable)."""
-    if query.mode is not None:
-        return query.mode
-    return live.refiner.recommended_mode("zeroshot") if live.refiner is not None else RefineMode.BOTH
+    """The query's mode, else the live checkpoint's validated one (both without a checkpoint, where the answer
+    then says RECO is unavailable)."""
+    return mode_or_recommended(query.mode, live.refiner)
 
 
 class PredictServing(ServingBase):
@@ -138,10 +137,10 @@ class PredictServing(ServingBase):
         template = resolve_templates(templates)[0]
         prompts = [template.replace("{c}", n) for n in names]
         vectors = live.encoder.encode_texts(prompts)
-        refiner = live.refiner.with_k(k)
+        refiner = live.refiner.with_k(k).for_task("zeroshot")  # as the class prompts are refined
         out = []
         for name, prompt, vector in zip(names, prompts, vectors, strict=True):
-            result = refiner.for_task("zeroshot").refine_one(vector, Modality.TEXT)
+            result = refiner.refine_one(vector, Modality.TEXT)
             out.append(ClassExplanation(name=name, prompt=prompt, self_attention=result.self_attention,
                                         neighbours=self._with_metadata([
                                             NeighbourOut(item_id=n.item_id, caption=n.caption or "", score=n.score,

@@ -53,12 +53,17 @@ def test_score_bias_starts_as_the_paper_layer_and_can_favour_close_neighbours() 
     assert torch.all(d[:, 3:] == 0)
 
 
-def test_fallback_keeps_clip_when_the_memory_is_far() -> None:
+def _small_world() -> tuple[SyntheticWorld, RecoFusion, Any, np.ndarray]:
+    """A synthetic world, an untrained fusion (seed 0), its memory and its evaluation images."""
     world = SyntheticWorld(SyntheticCfg(train_concepts=20, eval_classes=4, memory_per_concept=3, eval_per_class=3))
     torch.manual_seed(0)
     model = RecoFusion(FusionCfg(heads=4), world.dim)
-    memory = world.memory()
     images, _ = world.eval_images()
+    return world, model, world.memory(), images
+
+
+def test_fallback_keeps_clip_when_the_memory_is_far() -> None:
+    _, model, memory, images = _small_world()
     plain = Refiner(model, memory, k=4)
     found_top = np.asarray([plain.refine_image(v).neighbours[0].score for v in images])
     threshold = float(np.median(found_top))
@@ -77,11 +82,7 @@ def test_fallback_keeps_clip_when_the_memory_is_far() -> None:
 
 
 def test_mean_mix_blends_toward_mean_fusion_per_task() -> None:
-    world = SyntheticWorld(SyntheticCfg(train_concepts=20, eval_classes=4, memory_per_concept=3, eval_per_class=3))
-    torch.manual_seed(0)
-    model = RecoFusion(FusionCfg(heads=4), world.dim)
-    memory = world.memory()
-    images, _ = world.eval_images()
+    world, model, memory, images = _small_world()
     learned = Refiner(model, memory, k=4).refine_many(images, Modality.IMAGE)
     mean = Refiner(RecoFusion(FusionCfg(kind="mean"), world.dim), memory, k=4).refine_many(images, Modality.IMAGE)
     calibration = {"mean_mix": {"zeroshot": {"image": 1.0, "text": 0.0}, "retrieval": {"image": 0.5}}}
